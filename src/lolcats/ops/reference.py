@@ -1,0 +1,59 @@
+"""Quadratic ground truth: materialises every (query, key) pair. O(L²) memory; for tests and short inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import (
+    Window,
+    accumulation_dtype,
+    check_inputs,
+    expand_heads,
+    gamma_per_head,
+    normalise,
+    row_starts,
+    softmax_terms,
+)
+
+
+def hybrid_attention_reference(
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    fq: torch.Tensor | None,
+    fk: torch.Tensor | None,
+    *,
+    window: Window,
+    scaling: float = 1.0,
+    gamma: torch.Tensor | None = None,
+    use_linear: bool = True,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax over ``window`` plus linear attention over older keys, one normaliser (see ops.common)."""
+    check_inputs(q, k, v, fq, fk, window, use_linear)
+    batch, _, length, _ = v.shape
+    num_heads = (q if q is not None else fq).shape[1]
+    device = v.device
+    _acc = accumulation_dtype(v.dtype)
+    positions = torch.arange(length, device=device)[None, :] - row_starts(start, batch, device)[:, None]
+    pos_q = positions[:, None, :, None]
+    pos_k = positions[:, None, None, :]
+    causal = (pos_k >= 0) & (pos_k <= pos_q)
+    in_window = causal & window.contains(pos_q, pos_k)
+
+    weights = torch.zeros(batch, num_heads, length, length, device=device, dtype=_acc)
+    if window.kind != "none":
+        keys = expand_heads(k.to(_acc), num_heads)
+        scores = q.to(_acc) @ keys.transpose(-1, -2) * scaling
+        weights = weights + gamma_per_head(gamma, num_heads, device, _acc) * softmax_terms(scores, in_window)
+    if use_linear:
+        linear = causal & ~in_window
+        weights = weights + (fq.to(_acc) @ fk.to(_acc).transpose(-1, -2)).masked_fill(~linear, 0.0)
+
+    out = normalise(weights @ expand_heads(v.to(_acc), num_heads), weights.sum(-1))
+    return out.to(v.dtype)
+
+
+def linear_attention_reference(fq, fk, v, *, start=None) -> torch.Tensor:
+    """Causal linear attention φ(q)·φ(k) with its normaliser, quadratic form."""
+    return hybrid_attention_reference(None, None, v, fq, fk, window=Window("none"), start=start)

@@ -1,0 +1,231 @@
+"""Every fast path of lolcats.ops against its quadratic reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lolcats.ops import (
+    RecurrentState,
+    Window,
+    hybrid_attention_chunked,
+    hybrid_attention_recurrent,
+    hybrid_attention_reference,
+    hybrid_attention_step,
+    linear_attention_chunked,
+    linear_attention_recurrent,
+    linear_attention_reference,
+    softmax_attention,
+)
+
+RTOL = 1e-5
+
+
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+
+
+def make_inputs(batch, heads, kv_heads, length, head_dim, feature_dim, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    q = randn(batch, heads, length, head_dim)
+    k = randn(batch, kv_heads, length, head_dim)
+    v = randn(batch, kv_heads, length, head_dim)
+    # Positive features with a spread of magnitudes, like softmax/hedgehog features.
+    fq = torch.softmax(randn(batch, heads, length, feature_dim), dim=-1)
+    fk = torch.softmax(randn(batch, heads, length, feature_dim), dim=-1)
+    gamma = torch.rand(heads, generator=generator) * 0.9 + 0.05
+    return q, k, v, fq, fk, gamma
+
+
+def real_rows(out: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Zero the padding rows so comparisons only see real queries (all modes give 0 there anyway)."""
+    length = out.shape[2]
+    real = torch.arange(length)[None, :] >= start[:, None]
+    return out * real[:, None, :, None]
+
+
+window_strategy = st.one_of(
+    st.builds(Window, st.just("terrace"), st.integers(1, 9)),
+    st.builds(Window, st.just("sliding"), st.integers(1, 17)),
+    st.just(Window("none")),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 2),
+    groups=st.integers(1, 3),
+    length=st.integers(1, 70),
+    head_dim=st.sampled_from([4, 8]),
+    feature_dim=st.integers(1, 12),
+    window=window_strategy,
+    use_linear=st.booleans(),
+    chunk_size=st.integers(1, 33),
+    data=st.data(),
+)
+def test_hybrid_modes_agree(batch, kv_heads, groups, length, head_dim, feature_dim, window, use_linear, chunk_size, data):
+    if window.kind == "none":
+        use_linear = True
+    heads = kv_heads * groups
+    seed = data.draw(st.integers(0, 2**16))
+    q, k, v, fq, fk, gamma = make_inputs(batch, heads, kv_heads, length, head_dim, feature_dim, seed)
+    start = torch.tensor(data.draw(st.lists(st.integers(0, length - 1), min_size=batch, max_size=batch)))
+    kwargs = dict(window=window, scaling=head_dim**-0.5, gamma=gamma, use_linear=use_linear, start=start)
+
+    expected = real_rows(hybrid_attention_reference(q, k, v, fq, fk, **kwargs), start)
+    chunked = real_rows(hybrid_attention_chunked(q, k, v, fq, fk, chunk_size=chunk_size, **kwargs), start)
+    recurrent = real_rows(hybrid_attention_recurrent(q, k, v, fq, fk, **kwargs), start)
+    assert max_relative_error(chunked, expected) <= RTOL
+    assert max_relative_error(recurrent, expected) <= RTOL
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 127, 128, 129, 200, 300])
+def test_default_terrace_window_across_block_boundaries(length):
+    """The LoLCATs default (64-token terrace, chunk 64) at lengths that are and are not multiples of 64."""
+    q, k, v, fq, fk, gamma = make_inputs(2, 4, 2, length, 16, 8, seed=length)
+    start = torch.tensor([0, min(5, length - 1)])
+    kwargs = dict(window=Window("terrace", 64), scaling=0.25, gamma=gamma, start=start)
+    expected = real_rows(hybrid_attention_reference(q, k, v, fq, fk, **kwargs), start)
+    assert max_relative_error(real_rows(hybrid_attention_chunked(q, k, v, fq, fk, **kwargs), start), expected) <= RTOL
+    assert max_relative_error(real_rows(hybrid_attention_recurrent(q, k, v, fq, fk, **kwargs), start), expected) <= RTOL
+
+
+def test_terrace_counts_blocks_from_first_real_token():
+    """With left padding, a row's output equals the same row unpadded: blocks start at its first real token."""
+    q, k, v, fq, fk, gamma = make_inputs(1, 2, 2, 150, 8, 8, seed=3)
+    pad = 23
+    padded = [torch.cat([torch.randn(1, x.shape[1], pad, x.shape[3]), x], dim=2) for x in (q, k, v, fq.log(), fk.log())]
+    padded[3], padded[4] = padded[3].exp(), padded[4].exp()
+    kwargs = dict(window=Window("terrace", 16), scaling=0.3, gamma=gamma)
+    alone = hybrid_attention_chunked(q, k, v, fq, fk, **kwargs)
+    with_pad = hybrid_attention_chunked(*padded, start=torch.tensor([pad]), **kwargs)
+    assert max_relative_error(with_pad[:, :, pad:], alone) <= RTOL
+    assert with_pad[:, :, :pad].abs().max() == 0
+
+
+def test_terrace_visible_keys():
+    """A query in terrace block b softmax-attends to size+1 … 2·size keys (block b−1 and its causal part of b)."""
+    window = Window("terrace", 4)
+    positions = torch.arange(16)
+    in_window = window.contains(positions[:, None], positions[None, :]) & (positions[None, :] <= positions[:, None])
+    visible = in_window.sum(1).tolist()
+    assert visible == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8]
+
+
+def test_linear_attention_modes_agree():
+    _, _, v, fq, fk, _ = make_inputs(2, 3, 3, 77, 8, 10, seed=11)
+    start = torch.tensor([0, 9])
+    expected = real_rows(linear_attention_reference(fq, fk, v, start=start), start)
+    assert max_relative_error(real_rows(linear_attention_chunked(fq, fk, v, start=start, chunk_size=16), start), expected) <= RTOL
+    assert max_relative_error(real_rows(linear_attention_recurrent(fq, fk, v, start=start), start), expected) <= RTOL
+    # Against the definition written out directly.
+    scores = (fq[1:, :, 9:] @ fk[1:, :, 9:].transpose(-1, -2)).tril()
+    direct = (scores @ v[1:, :, 9:]) / scores.sum(-1, keepdim=True)
+    assert max_relative_error(expected[1:, :, 9:], direct) <= RTOL
+
+
+def test_full_window_is_exact_softmax():
+    """A sliding window that covers the sequence leaves nothing to the linear term: exact softmax attention."""
+    q, k, v, fq, fk, gamma = make_inputs(2, 4, 2, 90, 8, 8, seed=5)
+    start = torch.tensor([0, 12])
+    hybrid = hybrid_attention_chunked(q, k, v, fq, fk, window=Window("sliding", 90), scaling=0.35, gamma=gamma, start=start)
+    exact = softmax_attention(q, k, v, scaling=0.35, start=start)
+    assert max_relative_error(real_rows(hybrid, start), real_rows(exact, start)) <= RTOL
+
+
+def test_softmax_attention_sliding_window_matches_reference():
+    q, k, v, _, _, _ = make_inputs(2, 4, 1, 100, 8, 8, seed=6)
+    got = softmax_attention(q, k, v, scaling=0.35, sliding_window=17)
+    expected = hybrid_attention_reference(q, k, v, None, None, window=Window("sliding", 17), scaling=0.35, use_linear=False)
+    assert max_relative_error(got, expected) <= RTOL
+
+
+@pytest.mark.parametrize("window", [Window("terrace", 8), Window("sliding", 8), Window("none")])
+def test_chunked_gradients_match_reference(window):
+    q, k, v, fq, fk, gamma = make_inputs(2, 4, 2, 45, 8, 6, seed=7, dtype=torch.float64)
+    start = torch.tensor([0, 4])
+    inputs = [x.clone().requires_grad_(True) for x in (q, k, v, fq, fk, gamma)]
+    weights = torch.randn(2, 4, 45, 8, dtype=torch.float64)
+
+    def loss(fn, **extra):
+        out = fn(*inputs[:5], window=window, scaling=0.3, gamma=inputs[5], start=start, **extra)
+        return (real_rows(out, start) * weights).sum()
+
+    grads_ref = torch.autograd.grad(loss(hybrid_attention_reference), inputs, allow_unused=True)
+    grads_chunked = torch.autograd.grad(loss(hybrid_attention_chunked, chunk_size=8), inputs, allow_unused=True)
+    for name, a, b in zip("q k v fq fk gamma".split(), grads_chunked, grads_ref):
+        if b is None:
+            assert a is None or a.abs().max() == 0, name
+            continue
+        assert max_relative_error(a, b) <= 1e-9, name
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    """bf16 inputs: the result matches the fp32 computation on the same (rounded) inputs to bf16 output precision."""
+    q, k, v, fq, fk, gamma = make_inputs(1, 4, 4, 300, 16, 16, seed=8, dtype=torch.bfloat16)
+    kwargs = dict(window=Window("terrace", 32), scaling=0.25, gamma=gamma.float())
+    out = hybrid_attention_chunked(q, k, v, fq, fk, **kwargs)
+    assert out.dtype == torch.bfloat16
+    exact = hybrid_attention_reference(*(x.float() for x in (q, k, v, fq, fk)), **kwargs)
+    assert max_relative_error(out.float(), exact) <= 2**-7
+
+    cache = RecurrentState.empty(1, 4, 4, 16, 16, 16, Window("terrace", 32), dtype=torch.bfloat16)
+    assert cache.state.dtype == torch.float32 and cache.norm.dtype == torch.float32
+    for t in range(300):
+        step = hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], torch.tensor([t]), **kwargs)
+    assert max_relative_error(step.float(), exact[:, :, -1]) <= 2**-7
+
+
+def test_recurrent_state_size_is_constant():
+    window = Window("terrace", 64)
+    cache = RecurrentState.empty(1, 8, 2, 64, 64, 128, window)
+    before = cache.nbytes()
+    q, k, v, fq, fk, gamma = make_inputs(1, 8, 2, 300, 64, 128, seed=9)
+    for t in range(300):
+        hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], torch.tensor([t]), window=window, gamma=gamma)
+    assert cache.nbytes() == before
+    assert cache.keys.shape[2] == 2 * 64
+
+
+def test_window_without_linear_term_ignores_gamma():
+    q, k, v, _, _, gamma = make_inputs(1, 2, 2, 40, 8, 8, seed=10)
+    a = hybrid_attention_chunked(q, k, v, None, None, window=Window("terrace", 8), gamma=gamma, use_linear=False)
+    b = hybrid_attention_chunked(q, k, v, None, None, window=Window("terrace", 8), gamma=None, use_linear=False)
+    assert max_relative_error(a, b) <= RTOL
+
+
+def test_invalid_arguments_are_named():
+    q, k, v, fq, fk, _ = make_inputs(1, 2, 2, 10, 8, 8)
+    with pytest.raises(ValueError, match="neither a softmax window nor a linear term"):
+        hybrid_attention_chunked(q, k, v, fq, fk, window=Window("none"), use_linear=False)
+    with pytest.raises(ValueError, match="unknown window kind"):
+        Window("diagonal", 4)
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        hybrid_attention_chunked(q, k, v, fq, fk, window=Window("terrace", 4), gamma=torch.ones(3))
+    with pytest.raises(ValueError, match="cannot share"):
+        hybrid_attention_chunked(torch.randn(1, 3, 10, 8), k, v, None, None, window=Window("terrace", 4), use_linear=False)
+
+
+def test_memory_of_chunked_path_has_no_quadratic_tensor():
+    """Largest intermediate of the chunked path grows linearly: probe by tracking tensor sizes in autograd."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    for length in (512, 2048):
+        sizes.clear()
+        q, k, v, fq, fk, gamma = make_inputs(1, 2, 2, length, 16, 16, seed=1)
+        fq.requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hybrid_attention_chunked(q, k, v, fq, fk, window=Window("terrace", 64), gamma=gamma)
+        assert max(sizes) < 2 * 2 * length * 3 * 64 * 2, f"a saved tensor of {max(sizes)} elements at L={length}"
+    assert math.isfinite(max(sizes))
