@@ -6,3 +6,6 @@ class Mistral(AttentionFamily):
 
     name = "mistral"
     model_types = ("mistral",)
+
+    def teacher_window(self, attention) -> int | None:
+        return getattr(attention.config, "sliding_window", None)

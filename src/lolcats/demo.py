@@ -1,0 +1,82 @@
+"""`lolcats convert`: convert a model and show what changed, before any training."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import LinearizeConfig
+from .convert import convert, linearized_layers, trainable_parameters
+from .families import family_for
+from .models import load_base_model, load_tokenizer
+
+SAMPLE_TEXT = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+    "friends. One day, she found a shiny red ball under a big tree. She picked it up and ran to show her mom. "
+)
+
+
+def _perplexity(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    return math.exp(loss.item())
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def conversion_report(
+    model_spec: str,
+    config: LinearizeConfig,
+    *,
+    text: Path | None,
+    seq_len: int,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    teacher = load_base_model(model_spec)
+    tokenizer = load_tokenizer(model_spec)
+    family = family_for(teacher.config)
+    source = Path(text).read_text() if text else SAMPLE_TEXT * 8
+    ids = tokenizer(source, return_tensors="pt").input_ids[:, :seq_len]
+    if ids.shape[1] < 2:
+        raise ValueError("the check text is shorter than two tokens")
+
+    student = convert(copy.deepcopy(teacher), config)
+    exact = convert(copy.deepcopy(teacher), config.model_copy(update={"attention": "sliding", "window": ids.shape[1]}))
+    with torch.no_grad():
+        teacher_logits = teacher(ids, use_cache=False).logits
+        exactness = _relative_error(exact(ids, use_cache=False).logits, teacher_logits)
+
+    layers = list(linearized_layers(student))
+    converted = [layer.layer_idx for layer in layers]
+    kept = [i for i in range(len(family.decoder_layers(student))) if i not in converted]
+    trainable = sum(p.numel() for p in trainable_parameters(student).values())
+    total = sum(p.numel() for p in teacher.parameters())
+    report = {
+        "model": model_spec,
+        "family": family.name,
+        "converted_layers": converted,
+        "softmax_layers": kept,
+        "trainable_parameters": trainable,
+        "trainable_fraction": trainable / total,
+        "tokens": ids.shape[1],
+        "full_window_relative_error": exactness,
+        "teacher_ppl": _perplexity(teacher, ids),
+        "untrained_ppl": _perplexity(student, ids),
+    }
+    echo(f"model            {model_spec} ({family.name}, {total / 1e6:.2f}M parameters)")
+    echo(f"attention        {config.attention}, feature map {config.feature_map}, window {config.window}")
+    echo(f"converted layers {converted}")
+    echo(f"softmax layers   {kept}")
+    echo(f"trainable        {trainable:,} parameters ({100 * trainable / total:.3f}% of the base model)")
+    echo(f"exactness        window over all {ids.shape[1]} tokens reproduces the teacher's logits "
+         f"to {exactness:.1e} relative")
+    echo(f"perplexity       teacher {report['teacher_ppl']:.3f}, converted before training "
+         f"{report['untrained_ppl']:.3f} on {ids.shape[1]} tokens")
+    return report
