@@ -13,6 +13,7 @@ weights keep their state-dict keys, and adds a feature map per head for q and k 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Literal
 
 import torch
@@ -113,6 +114,7 @@ class LinearizedAttention(nn.Module):
         self.mode: AttentionMode = "linear"
         self.distill_loss: torch.Tensor | None = None
         self._context = context
+        self._last_cache = None
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -135,6 +137,7 @@ class LinearizedAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         batch, length, _ = hidden_states.shape
+        self._refuse_incremental_decoding(kwargs.get("cache", kwargs.get("past_key_values")))
         start = self._context.row_starts(batch, length, hidden_states.device)
         q, k, v = self.family.project(self, hidden_states, position_embeddings)
         if self.mode == "softmax":
@@ -150,6 +153,17 @@ class LinearizedAttention(nn.Module):
             raise ValueError(f"unknown attention mode {self.mode!r}; expected one of {MODES}")
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), None
+
+    def _refuse_incremental_decoding(self, cache) -> None:
+        """A cache object seen twice means token-by-token decoding, which this layer cannot do correctly yet."""
+        if cache is None:
+            return
+        if self._last_cache is not None and self._last_cache() is cache:
+            raise NotImplementedError(
+                "incremental decoding with a cache is not supported by linearized layers yet; "
+                "call the model on whole sequences with use_cache=False"
+            )
+        self._last_cache = weakref.ref(cache)
 
     def extra_repr(self) -> str:
         return (
