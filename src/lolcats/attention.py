@@ -88,6 +88,10 @@ class LinearizedAttention(nn.Module):
         super().__init__()
         for name in family.submodules:
             setattr(self, name, getattr(original, name))
+        # Plain attributes that decoder layers of some transformers versions read from their attention.
+        for name in ("config", "is_causal", "is_sliding", "layer_type", "sliding_window"):
+            if hasattr(original, name):
+                setattr(self, name, getattr(original, name))
         self.family = family
         self.layer_idx = layer_idx
         self.head_dim = original.head_dim
