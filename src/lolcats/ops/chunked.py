@@ -1,10 +1,14 @@
 """Chunked hybrid attention: the O(L) path for training and prefill.
 
-The sequence is cut into chunks of C tokens. Query chunk c looks at a local slice of keys
-[cC − P, (c+1)C), where P (a multiple of C) covers the window's lookback; inside that slice the
-softmax-window and linear terms are computed exactly with masks. Every key older than the slice is
-outside every window of the chunk, so it enters only through the running linear state
-S = Σ φ(k) vᵀ, z = Σ φ(k), built with one cumulative sum over per-chunk states.
+Rows with left padding are first shifted so that every row's first real token sits at position 0;
+relative positions then equal absolute ones, terrace blocks line up with chunks, and every mask is
+shared by the whole batch. The sequence is cut into chunks of C tokens. Query chunk c looks at a local
+slice of keys [cC − P, (c+1)C), where P (a multiple of C) covers the lookback of the chunk's windows
+(``Window.chunk_lookback``); inside that slice the softmax-window and linear terms are computed exactly
+with masks. Every key older than the slice is outside every window of the chunk, so it enters only
+through the running linear state S = Σ φ(k) vᵀ, z = Σ φ(k), built with one cumulative sum over
+per-chunk states. With the default terrace window and C equal to its size, the slice is exactly the two
+blocks the window covers and no linear product is computed inside it.
 Memory is O(L·(C + P) + (L/C)·F·Dv): linear in L for a fixed chunk size; no L×L tensor exists.
 """
 
@@ -33,6 +37,44 @@ def _local_slices(x: torch.Tensor, lookback: int, chunk: int) -> torch.Tensor:
     return padded.unfold(2, lookback + chunk, chunk).transpose(-1, -2)
 
 
+def _prefix_sum(x: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """Inclusive cumulative sum over dim 2 of (B, H, n, X).
+
+    torch.cumsum over a middle dim of a wide tensor is slow on CPU (4–10× a matmul of the same data):
+    sum inside blocks of ``block`` rows with a triangular matmul, and cumsum only the block totals.
+    """
+    batch, heads, n, width = x.shape
+    block = min(block, n)
+    blocks = math.ceil(n / block)
+    x = F.pad(x, (0, 0, 0, blocks * block - n)).view(batch, heads, blocks, block, width)
+    lower = torch.ones(block, block, dtype=x.dtype, device=x.device).tril()
+    inner = lower @ x
+    totals = inner[:, :, :, -1]
+    before = torch.cumsum(totals, dim=2) - totals
+    return (inner + before[:, :, :, None]).view(batch, heads, blocks * block, width)[:, :, :n]
+
+
+def _shift_rows(x: torch.Tensor | None, starts: torch.Tensor) -> torch.Tensor | None:
+    """Move each row's real tokens to the front: out[b, :, t] = x[b, :, t + starts[b]].
+
+    The positions freed at the end repeat the last token; they come after every real token, so causal
+    attention never shows them to a real query, and their own outputs are dropped by _unshift_rows.
+    """
+    if x is None:
+        return None
+    length = x.shape[2]
+    index = (torch.arange(length, device=x.device)[None, :] + starts[:, None]).clamp(max=length - 1)
+    return x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], length, x.shape[3]))
+
+
+def _unshift_rows(x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Inverse of _shift_rows, with zeros at the padding positions."""
+    length = x.shape[2]
+    positions = torch.arange(length, device=x.device)[None, :] - starts[:, None]
+    index = positions.clamp(min=0)[:, None, :, None].expand(x.shape[0], x.shape[1], length, x.shape[3])
+    return x.gather(2, index) * (positions >= 0)[:, None, :, None]
+
+
 def hybrid_attention_chunked(
     q: torch.Tensor | None,
     k: torch.Tensor | None,
@@ -51,59 +93,72 @@ def hybrid_attention_chunked(
     check_inputs(q, k, v, fq, fk, window, use_linear)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    starts = row_starts(start, v.shape[0], v.device)
+    if not bool(starts.any()):
+        return _aligned(q, k, v, fq, fk, window, scaling, gamma, use_linear, chunk_size)
+    shifted = [_shift_rows(x, starts) for x in (q, k, v, fq, fk)]
+    out = _aligned(*shifted, window, scaling, gamma, use_linear, chunk_size)
+    return _unshift_rows(out, starts)
+
+
+def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, chunk: int) -> torch.Tensor:
+    """Hybrid attention for rows whose first real token is at position 0."""
     batch, _, length, value_dim = v.shape
     num_heads = (q if q is not None else fq).shape[1]
     device = v.device
     _acc = accumulation_dtype(v.dtype)
-    chunk = chunk_size
     num_chunks = math.ceil(length / chunk)
     padded_length = num_chunks * chunk
-    # Keys up to `lookback` behind a query can sit in its window; P rounds that up to whole chunks.
-    lookback = math.ceil(max(window.lookback, 0) / chunk) * chunk
+    lookback = math.ceil(window.chunk_lookback(chunk) / chunk) * chunk
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         x = expand_heads(x.to(_acc), num_heads)
-        return F.pad(x, (0, 0, 0, padded_length - length))
+        return x if padded_length == length else F.pad(x, (0, 0, 0, padded_length - length))
 
-    starts = row_starts(start, batch, device)
-    positions = torch.arange(padded_length, device=device)[None, :] - starts[:, None]  # (B, nC)
-    key_positions = torch.arange(-lookback, padded_length, device=device)[None, :] - starts[:, None]
-    pos_q = positions.view(batch, 1, num_chunks, chunk, 1)
-    pos_k = key_positions.unfold(1, lookback + chunk, chunk)[:, None, :, None, :]  # (B, 1, n, 1, P + C)
+    # Masks depend only on positions, so one (n, C, P + C) pattern serves every row and head. The zero
+    # padding past `length` needs no mask: only padding queries, whose outputs are dropped, can see it.
+    pos_q = torch.arange(padded_length, device=device).view(num_chunks, chunk, 1)
+    pos_k = torch.arange(-lookback, padded_length, device=device).unfold(0, lookback + chunk, chunk)[:, None, :]
     causal = (pos_k >= 0) & (pos_k <= pos_q)
     in_window = causal & window.contains(pos_q, pos_k)
+    local_linear = causal & ~in_window
 
     values = prepare(v)
     local_values = _local_slices(values, lookback, chunk)
-    weights = None
+    num = den = 0.0
     if window.kind != "none":
-        queries = prepare(q).view(batch, num_heads, num_chunks, chunk, -1)
+        # Scaling the queries and applying γ after the value product keeps the (n, C, P + C) tensors to
+        # the few that the softmax itself needs.
+        queries = (prepare(q) * scaling).view(batch, num_heads, num_chunks, chunk, -1)
         local_keys = _local_slices(prepare(k), lookback, chunk)
-        scores = queries @ local_keys.transpose(-1, -2) * scaling
-        gamma_h = gamma_per_head(gamma, num_heads, device, _acc).view(num_heads, 1, 1, 1)
-        weights = gamma_h * softmax_terms(scores, in_window)
+        softmax_weights = softmax_terms(queries @ local_keys.transpose(-1, -2), in_window)
+        gamma_h = gamma_per_head(gamma, num_heads, device, _acc).view(num_heads, 1, 1)
+        num = gamma_h[..., None] * (softmax_weights @ local_values)
+        den = gamma_h * softmax_weights.sum(-1)
     if use_linear:
-        real = (positions >= 0)[:, None, :, None]
         feature_q = prepare(fq).view(batch, num_heads, num_chunks, chunk, -1)
-        feature_k = prepare(fk) * real  # padding keys must not enter the running state
-        local_feature_k = _local_slices(feature_k, lookback, chunk)
-        linear_weights = (feature_q @ local_feature_k.transpose(-1, -2)).masked_fill(~(causal & ~in_window), 0.0)
-        weights = linear_weights if weights is None else weights + linear_weights
-
-    num = weights @ local_values
-    den = weights.sum(-1)
+        feature_k = prepare(fk)
+        if bool(local_linear.any()):
+            local_feature_k = _local_slices(feature_k, lookback, chunk)
+            linear_weights = (feature_q @ local_feature_k.transpose(-1, -2)).masked_fill(~local_linear, 0.0)
+            num = num + linear_weights @ local_values
+            den = den + linear_weights.sum(-1)
 
     if use_linear:
         chunk_k = feature_k.view(batch, num_heads, num_chunks, chunk, -1)
         chunk_v = values.view(batch, num_heads, num_chunks, chunk, value_dim)
         # Chunk c may use the keys of chunks < c − P/C: those are older than its local slice.
         lag = lookback // chunk + 1
-        state = torch.cumsum(chunk_k.transpose(-1, -2) @ chunk_v, dim=2)  # (B, H, n, F, Dv)
-        norm = torch.cumsum(chunk_k.sum(3), dim=2)  # (B, H, n, F)
-        state = F.pad(state, (0, 0, 0, 0, lag, 0))[:, :, :num_chunks]
-        norm = F.pad(norm, (0, 0, lag, 0))[:, :, :num_chunks]
-        num = num + feature_q @ state
-        den = den + (feature_q @ norm.unsqueeze(-1)).squeeze(-1)
+        state = _prefix_sum((chunk_k.transpose(-1, -2) @ chunk_v).flatten(3)).view(
+            batch, num_heads, num_chunks, -1, value_dim
+        )  # (B, H, n, F, Dv)
+        norm = _prefix_sum(chunk_k.sum(3))  # (B, H, n, F)
+        if lag < num_chunks:
+            seen = num_chunks - lag
+            inter_num = feature_q[:, :, lag:] @ state[:, :, :seen]
+            inter_den = (feature_q[:, :, lag:] @ norm[:, :, :seen, :, None]).squeeze(-1)
+            num = num + F.pad(inter_num, (0, 0, 0, 0, lag, 0))
+            den = den + F.pad(inter_den, (0, 0, lag, 0))
 
     out = normalise(num, den).reshape(batch, num_heads, padded_length, value_dim)[:, :, :length]
     return out.to(v.dtype)

@@ -61,6 +61,20 @@ class Window:
             return self.size - 1
         return -1
 
+    def chunk_lookback(self, chunk: int) -> int:
+        """Largest distance from a chunk's first position back to a key in the window of any query in
+        that chunk, for chunks of ``chunk`` tokens starting at multiples of ``chunk`` (relative positions).
+
+        A terrace query's window starts at its block's start minus ``size``; over chunk starts s that
+        distance is (s mod size) + size, at most 2·size − gcd(chunk, size). With chunk == size that is one
+        chunk, so the local slice is exactly the two blocks the terrace covers.
+        """
+        if self.kind == "terrace":
+            return 2 * self.size - math.gcd(chunk, self.size)
+        if self.kind == "sliding":
+            return self.size - 1
+        return 0
+
     def contains(self, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
         """Whether key position pos_k lies in the window of query position pos_q (both relative, causal)."""
         if self.kind == "terrace":
