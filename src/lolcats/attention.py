@@ -22,7 +22,7 @@ from torch import nn
 from .config import LinearizeConfig
 from .feature_maps import make_feature_map
 from .families import AttentionFamily
-from .ops import Window, expand_heads, hybrid_attention_chunked, softmax_attention
+from .ops import Window, expand_heads, hybrid_attention_chunked, hybrid_attention_weights, softmax_attention
 
 AttentionMode = Literal["softmax", "linear", "distill"]
 MODES = ("softmax", "linear", "distill")
@@ -117,6 +117,11 @@ class LinearizedAttention(nn.Module):
         self.window_logit = nn.Parameter(torch.full((self.num_heads,), gamma_logit))
         self.mode: AttentionMode = "linear"
         self.distill_loss: torch.Tensor | None = None
+        # Optional extras of distill mode; both materialise L×L attention weights (quadratic memory).
+        self.attention_ce_weight = 0.0
+        self.attention_ce: torch.Tensor | None = None
+        self.record_linear_share = False
+        self.linear_share: torch.Tensor | None = None
         self._context = context
         self._last_cache = None
 
@@ -148,15 +153,49 @@ class LinearizedAttention(nn.Module):
             out = self.teacher(q, k, v, start)
         elif self.mode == "linear":
             out = self.student(q, k, v, start)
+            if self.record_linear_share:
+                with torch.no_grad():
+                    self.linear_share = self._linear_share(q, k, start)
         elif self.mode == "distill":
             with torch.no_grad():
                 out = self.teacher(q, k, v, start)
             predicted = self.student(q, k, v, start)
             self.distill_loss = _masked_mse(predicted, out, start)
+            if self.attention_ce_weight > 0:
+                self.attention_ce = self._attention_cross_entropy(q, k, start)
         else:
             raise ValueError(f"unknown attention mode {self.mode!r}; expected one of {MODES}")
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), None
+
+    def _student_weights(self, q, k, start):
+        fq = fk = None
+        if self.use_linear:
+            fq, fk = self.feature_map_q(q), self.feature_map_k(expand_heads(k, self.num_heads))
+        return hybrid_attention_weights(
+            q, k, fq, fk, window=self.window, scaling=self.scaling, gamma=self.gamma,
+            use_linear=self.use_linear, start=start,
+        )
+
+    def _attention_cross_entropy(self, q, k, start) -> torch.Tensor:
+        """Cross-entropy of the student's attention weights against the teacher's, over real queries."""
+        length = q.shape[2]
+        with torch.no_grad():
+            teacher_window = Window("sliding", self.teacher_window or length)
+            teacher, _ = hybrid_attention_weights(q, k, None, None, window=teacher_window, scaling=self.scaling,
+                                                  use_linear=False, start=start)
+        softmax_part, linear_part = self._student_weights(q, k, start)
+        per_query = -(teacher * torch.log((softmax_part + linear_part).clamp(min=1e-12))).sum(-1)  # (B, H, L)
+        real = (torch.arange(length, device=q.device)[None, :] >= start[:, None]).to(per_query.dtype)
+        return (per_query.mean(1) * real).sum() / real.sum().clamp(min=1)
+
+    def _linear_share(self, q, k, start) -> torch.Tensor:
+        """Per head: the mean over real queries of the attention mass that goes to the linear term."""
+        _, linear_part = self._student_weights(q, k, start)
+        length = q.shape[2]
+        real = (torch.arange(length, device=q.device)[None, :] >= start[:, None]).to(linear_part.dtype)
+        share = linear_part.sum(-1)  # (B, H, L)
+        return (share * real[:, None]).sum((0, 2)) / real.sum().clamp(min=1)
 
     def _refuse_incremental_decoding(self, cache) -> None:
         """A cache object seen twice means token-by-token decoding, which this layer cannot do correctly yet."""

@@ -10,7 +10,8 @@ import typer
 from .models import DEFAULT_MODEL
 
 app = typer.Typer(
-    help="Linearize pretrained causal LMs (LoLCATs). Available now: `convert` (conversion demo and check).",
+    help="Linearize pretrained causal LMs (LoLCATs). Available now: `linearize` (attention transfer + LoRA) and "
+    "`convert` (conversion check). Generation, evaluation, block-wise transfer and export come later.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -51,6 +52,50 @@ def convert(
         linearize_config = LinearizeConfig(**settings)
         conversion_report(model, linearize_config, text=text, seq_len=seq_len, echo=typer.echo)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+
+
+@app.command()
+def linearize(
+    model: Optional[str] = typer.Option(None, help="Local HF folder, hub id or .gguf file (default: the packaged Gemma-3-270M)."),
+    data: Optional[list[Path]] = typer.Option(None, help="Training text (.txt: blank-line separated documents) or .jsonl; repeatable."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: lolcats.json, adapter.safetensors, logs/, checkpoints/."),
+    config: Optional[Path] = typer.Option(None, help="YAML with the same keys as these flags (underscores); flags override it."),
+    attention: Optional[str] = typer.Option(None, help="lolcats | sliding | linear | window"),
+    feature_map: Optional[str] = typer.Option(None, help="hedgehog | t2r | elu | relu | taylor"),
+    window: Optional[int] = typer.Option(None, help="Softmax window in tokens (default 64)."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per training sequence (default 512)."),
+    stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens; 0 skips stage 1 (LoRA-only baseline)."),
+    stage2_tokens: Optional[int] = typer.Option(None, help="LoRA tokens; 0 skips stage 2."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (default 8; alpha = 2 x rank unless set in YAML)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order, split and initialisation."),
+    eval_text: Optional[list[Path]] = typer.Option(None, help="Text for the final teacher vs linearized perplexity; repeatable."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Linearize MODEL: convert, train the feature maps (stage 1), LoRA (stage 2), save, report perplexity."""
+    from .config import load_yaml
+    from .pipeline import RunConfig, linearize as run_pipeline
+    from .stages.loop import TrainingError
+
+    settings = load_yaml(config) if config else {}
+    if config and "defaults" in settings:
+        settings.pop("defaults")
+    flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
+                 attention=attention, feature_map=feature_map, window=window, seq_len=seq_len,
+                 stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,
+                 eval_text=[str(p) for p in eval_text] if eval_text else None)
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    if lora_rank is not None and "lora_alpha" not in settings:
+        settings["lora_alpha"] = 2.0 * lora_rank
+    settings["resume"] = resume
+    if "out" not in settings:
+        settings["out"] = "lolcats-out"
+    try:
+        run = RunConfig(**settings)
+        run_pipeline(run, echo=typer.echo, progress=not quiet)
+    except (ValueError, FileNotFoundError, NotImplementedError, TrainingError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
 

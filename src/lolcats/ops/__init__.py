@@ -6,7 +6,7 @@ Each function has a quadratic reference beside its fast paths; the tests hold th
 from .chunked import hybrid_attention_chunked, linear_attention_chunked
 from .common import Window, expand_heads
 from .recurrent import RecurrentState, hybrid_attention_recurrent, hybrid_attention_step, linear_attention_recurrent
-from .reference import hybrid_attention_reference, linear_attention_reference
+from .reference import hybrid_attention_reference, hybrid_attention_weights, linear_attention_reference
 from .softmax import softmax_attention
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "hybrid_attention_chunked",
     "hybrid_attention_recurrent",
     "hybrid_attention_reference",
+    "hybrid_attention_weights",
     "hybrid_attention_step",
     "linear_attention_chunked",
     "linear_attention_recurrent",

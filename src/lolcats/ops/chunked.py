@@ -27,7 +27,9 @@ from .common import (
     gamma_per_head,
     normalise,
     row_starts,
+    shift_rows,
     softmax_terms,
+    unshift_rows,
 )
 
 
@@ -54,27 +56,6 @@ def _prefix_sum(x: torch.Tensor, block: int = 16) -> torch.Tensor:
     return (inner + before[:, :, :, None]).view(batch, heads, blocks * block, width)[:, :, :n]
 
 
-def _shift_rows(x: torch.Tensor | None, starts: torch.Tensor) -> torch.Tensor | None:
-    """Move each row's real tokens to the front: out[b, :, t] = x[b, :, t + starts[b]].
-
-    The positions freed at the end repeat the last token; they come after every real token, so causal
-    attention never shows them to a real query, and their own outputs are dropped by _unshift_rows.
-    """
-    if x is None:
-        return None
-    length = x.shape[2]
-    index = (torch.arange(length, device=x.device)[None, :] + starts[:, None]).clamp(max=length - 1)
-    return x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], length, x.shape[3]))
-
-
-def _unshift_rows(x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Inverse of _shift_rows, with zeros at the padding positions."""
-    length = x.shape[2]
-    positions = torch.arange(length, device=x.device)[None, :] - starts[:, None]
-    index = positions.clamp(min=0)[:, None, :, None].expand(x.shape[0], x.shape[1], length, x.shape[3])
-    return x.gather(2, index) * (positions >= 0)[:, None, :, None]
-
-
 def hybrid_attention_chunked(
     q: torch.Tensor | None,
     k: torch.Tensor | None,
@@ -96,9 +77,9 @@ def hybrid_attention_chunked(
     starts = row_starts(start, v.shape[0], v.device)
     if not bool(starts.any()):
         return _aligned(q, k, v, fq, fk, window, scaling, gamma, use_linear, chunk_size)
-    shifted = [_shift_rows(x, starts) for x in (q, k, v, fq, fk)]
+    shifted = [shift_rows(x, starts) for x in (q, k, v, fq, fk)]
     out = _aligned(*shifted, window, scaling, gamma, use_linear, chunk_size)
-    return _unshift_rows(out, starts)
+    return unshift_rows(out, starts)
 
 
 def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, chunk: int) -> torch.Tensor:

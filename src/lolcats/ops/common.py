@@ -108,6 +108,27 @@ def row_starts(start: torch.Tensor | None, batch: int, device: torch.device) -> 
     return start
 
 
+def shift_rows(x: torch.Tensor | None, starts: torch.Tensor) -> torch.Tensor | None:
+    """Move each row's real tokens to the front: out[b, :, t] = x[b, :, t + starts[b]].
+
+    The positions freed at the end repeat the last token; they come after every real token, so causal
+    attention never shows them to a real query, and their own outputs are dropped by unshift_rows.
+    """
+    if x is None:
+        return None
+    length = x.shape[2]
+    index = (torch.arange(length, device=x.device)[None, :] + starts[:, None]).clamp(max=length - 1)
+    return x.gather(2, index[:, None, :, None].expand(x.shape[0], x.shape[1], length, x.shape[3]))
+
+
+def unshift_rows(x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Inverse of shift_rows, with zeros at the padding positions."""
+    length = x.shape[2]
+    positions = torch.arange(length, device=x.device)[None, :] - starts[:, None]
+    index = positions.clamp(min=0)[:, None, :, None].expand(x.shape[0], x.shape[1], length, x.shape[3])
+    return x.gather(2, index) * (positions >= 0)[:, None, :, None]
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 inputs; fp64 stays fp64 (for gradient checks)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

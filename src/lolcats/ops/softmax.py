@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import hybrid_attention_chunked
-from .common import Window, expand_heads, row_starts
+from .common import Window, expand_heads, row_starts, shift_rows, unshift_rows
 
 
 def softmax_attention(
@@ -22,7 +22,7 @@ def softmax_attention(
 
     Without padding this is SDPA's causal kernel (memory linear in L). A sliding window goes through the
     chunked hybrid path with the linear term off, which is exactly a windowed softmax in O(L·window).
-    Padding without a window needs an explicit L×L mask.
+    Left-padded rows are shifted so that their padding trails, where causal attention cannot see it.
     """
     batch, num_heads, length, _ = q.shape
     if sliding_window is not None:
@@ -31,13 +31,10 @@ def softmax_attention(
             use_linear=False, start=start,
         )
     keys, values = expand_heads(k, num_heads), expand_heads(v, num_heads)
-    if start is None or not bool((torch.as_tensor(start) > 0).any()):
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling)
     starts = row_starts(start, batch, q.device)
-    positions = torch.arange(length, device=q.device)[None, :] - starts[:, None]
-    pos_q, pos_k = positions[:, None, :, None], positions[:, None, None, :]
-    real_query = pos_q >= 0
-    # Padding queries attend to themselves only, to keep SDPA finite; their output is zeroed below.
-    allowed = ((pos_k >= 0) & (pos_k <= pos_q)) | (~real_query & (pos_k == pos_q))
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scaling)
-    return out * real_query.to(out.dtype)
+    if not bool(starts.any()):
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling)
+    # Left padding becomes right padding, which causal attention never shows to a real query.
+    q, keys, values = (shift_rows(x, starts) for x in (q, keys, values))
+    out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling)
+    return unshift_rows(out, starts)

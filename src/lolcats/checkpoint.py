@@ -1,0 +1,186 @@
+"""Artifacts on disk: the adapter (trained tensors only), the manifest, and trainer checkpoints.
+
+Everything is safetensors or JSON (no pickle), and every file is written to a temporary name and moved
+into place with os.replace, so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+MANIFEST = "lolcats.json"
+ADAPTER = "adapter.safetensors"
+FORMAT_VERSION = 1
+_ADAPTER_MARKERS = ("feature_map_q", "feature_map_k", "window_logit", "lora_A", "lora_B")
+# Config keys that say how a file was saved, not what the model is.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
+                         "_attn_implementation_autoset", "quantization_config", "_commit_hash"}
+
+
+class ArtifactError(ValueError):
+    """A saved artifact that cannot be used as asked (wrong base model, damaged or incomplete files)."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Mapping) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; a damaged file gets an ArtifactError naming it."""
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{path} is truncated or not a safetensors file ({err})") from None
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return any(marker in name for marker in _ADAPTER_MARKERS)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors lolcats trains: feature maps, γ logits and LoRA factors, under their model names."""
+    return {name: p for name, p in model.named_parameters() if is_adapter_parameter(name)}
+
+
+def fingerprint(model: nn.Module) -> dict[str, str]:
+    """Hashes of a base model's config and weights, to refuse an adapter on the wrong base.
+
+    The weight hash reads every base tensor's shape and a strided sample of up to 4096 of its values in
+    fp32, which separates different checkpoints of one architecture without hashing gigabytes.
+    """
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    weights = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if is_adapter_parameter(name):
+            continue
+        name = name.replace(".base_layer.", ".")  # peft-wrapped projections keep their base identity
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        weights.update(name.encode() + str(tuple(tensor.shape)).encode())
+        weights.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+    return {"config_sha256": config_hash, "weights_sha256": weights.hexdigest()}
+
+
+def save_adapter(directory: Path, model: nn.Module, manifest: Mapping) -> None:
+    """Write adapter.safetensors (trained tensors only) and then lolcats.json, each atomically."""
+    directory = Path(directory)
+    atomic_save_tensors(adapter_state(model), directory / ADAPTER, {"format": "lolcats-adapter"})
+    atomic_write_json(directory / MANIFEST, {"format_version": FORMAT_VERSION, **manifest})
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} has no {MANIFEST}: not a lolcats output folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
+    return manifest
+
+
+def load_adapter_into(model: nn.Module, path: Path) -> None:
+    """Copy the saved tensors into ``model``; every expected tensor must be there with its shape."""
+    saved, _ = read_tensors(path)
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{path} does not match the converted model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+    with torch.no_grad():
+        for name, parameter in expected.items():
+            if saved[name].shape != parameter.shape:
+                raise ArtifactError(f"{path}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(parameter.shape)}")
+            parameter.copy_(saved[name])
+
+
+# ---- trainer checkpoints -------------------------------------------------------------------------
+
+def save_trainer_checkpoint(
+    path: Path,
+    parameters: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    trainer: Mapping,
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """One file holds the trained tensors, AdamW's moments, the RNG, ``extra`` tensors (e.g. the best
+    state so far) and the loop's counters (as metadata)."""
+    tensors = {f"param.{name}": p for name, p in parameters.items()}
+    tensors.update({f"extra.{name}": t for name, t in (extra or {}).items()})
+    state = optimizer.state_dict()
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    metadata = {"trainer": json.dumps(dict(trainer)), "param_groups": json.dumps(state["param_groups"])}
+    atomic_save_tensors(tensors, path, metadata)
+
+
+def load_trainer_checkpoint(
+    path: Path,
+    parameters: Mapping[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> dict:
+    """Restore what save_trainer_checkpoint wrote, in place; returns the loop's counters."""
+    tensors, metadata = read_tensors(path)
+    targets = {f"param.{name}": p for name, p in parameters.items()}
+    targets.update({f"extra.{name}": t for name, t in (extra or {}).items()})
+    with torch.no_grad():
+        for key, target in targets.items():
+            if key not in tensors or tensors[key].shape != target.shape:
+                raise ArtifactError(f"{path} has no matching tensor {key}: it belongs to a different run")
+            target.copy_(tensors[key])
+    optim_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            optim_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(metadata["param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    return json.loads(metadata["trainer"])

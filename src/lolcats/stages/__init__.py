@@ -1,0 +1,1 @@
+"""Training recipes: plain loops a reader can follow top to bottom."""

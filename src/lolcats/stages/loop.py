@@ -1,0 +1,226 @@
+"""The training loop both stages share: token budget, AdamW, warmup + plateau schedule, clipping,
+held-out evaluation with best-state tracking, atomic checkpoints, exact resume and a NaN guard.
+
+A stage supplies only its trainable parameters and a ``loss_fn(batch) -> loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_write_bytes, load_trainer_checkpoint, save_trainer_checkpoint
+from ..data import Batch, Example, batch_stream, make_batches
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss or gradient); the last good checkpoint is left intact."""
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    name: str
+    tokens: int
+    lr: float
+    batch_tokens: int = 4096
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 25
+    eval_tokens: int = 16384
+    checkpoint_every: int = 25
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    first_eval_loss: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict:
+        out = asdict(self)
+        out.pop("history")
+        out["tokens_per_s"] = round(self.tokens_per_s, 1)
+        return out
+
+
+def evaluate_loss(loss_fn: Callable[[Batch], torch.Tensor], batches: Sequence[Batch]) -> float:
+    """Token-weighted mean of the loss over ``batches``, without gradients."""
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            total += float(loss_fn(batch)) * batch.num_tokens
+            count += batch.num_tokens
+    return total / max(count, 1)
+
+
+def train_stage(
+    parameters: Mapping[str, torch.nn.Parameter],
+    loss_fn: Callable[[Batch], torch.Tensor],
+    train: Sequence[Example],
+    held_out: Sequence[Example],
+    settings: StageSettings,
+    *,
+    seed: int,
+    pad_id: int,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> StageResult:
+    """Train ``parameters`` on ``settings.tokens`` real tokens of ``train``; leave them at their best
+    held-out state. Checkpoints go to run_dir/checkpoints/<name>.safetensors, logs to run_dir/logs/<name>.jsonl."""
+    run_dir = Path(run_dir)
+    checkpoint_path = run_dir / "checkpoints" / f"{settings.name}.safetensors"
+    log_path = run_dir / "logs" / f"{settings.name}.jsonl"
+    parameters = dict(parameters)
+    optimizer = torch.optim.AdamW(parameters.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    eval_batches = _eval_batches(held_out, settings, seed, pad_id)
+    result = StageResult(settings.name)
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "plateau_scale": 1.0, "bad_evals": 0,
+             "best_eval_loss": None, "best_step": None, "first_eval_loss": None, "done": False}
+    best = {name: p.detach().clone() for name, p in parameters.items()}
+
+    if resume and checkpoint_path.is_file():
+        state = load_trainer_checkpoint(checkpoint_path, parameters, optimizer, extra=best)
+        _truncate_log(log_path, state["step"])
+    elif log_path.exists():
+        log_path.unlink()
+    history = _read_log(log_path)
+
+    writer = _tensorboard(run_dir, settings.name)
+    bar = tqdm(total=settings.tokens, initial=min(state["tokens"], settings.tokens), unit="tok", unit_scale=True,
+               desc=settings.name, disable=not progress, dynamic_ncols=True)
+    stream = batch_stream(train, batch_tokens=settings.batch_tokens, seed=seed, pad_id=pad_id, start_batch=state["step"])
+
+    def checkpoint() -> None:
+        save_trainer_checkpoint(checkpoint_path, parameters, optimizer, state, extra=best)
+
+    def log(record: dict) -> None:
+        history.append(record)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(f"{settings.name}/{key}", value, record["step"])
+
+    def run_eval() -> None:
+        loss = evaluate_loss(loss_fn, eval_batches)
+        if state["first_eval_loss"] is None:
+            state["first_eval_loss"] = loss
+        if state["best_eval_loss"] is None or loss < state["best_eval_loss"]:
+            state["best_eval_loss"], state["best_step"], state["bad_evals"] = loss, state["step"], 0
+            for name, p in parameters.items():
+                best[name].copy_(p.detach())
+        else:
+            state["bad_evals"] += 1
+            if state["bad_evals"] >= settings.plateau_patience:
+                state["plateau_scale"] *= settings.plateau_factor
+                state["bad_evals"] = 0
+        log({"step": state["step"], "tokens": state["tokens"], "eval_loss": loss})
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if state["step"] == 0 and not state["done"]:
+        run_eval()  # the untrained state is a candidate too: training must beat it to be kept
+    while not state["done"] and state["tokens"] < settings.tokens:
+        step_index, batch = next(stream)
+        assert step_index == state["step"], "data stream out of step with the trainer"
+        lr = settings.lr * min(1.0, (state["step"] + 1) / max(settings.warmup_steps, 1)) * state["plateau_scale"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        loss = loss_fn(batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(_diverged(settings.name, "loss", float(loss), state, checkpoint_path))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters.values()), settings.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(_diverged(settings.name, "gradient norm", float(grad_norm), state, checkpoint_path))
+        optimizer.step()
+        elapsed = time.perf_counter() - started
+        state["step"] += 1
+        state["tokens"] += batch.num_tokens
+        state["seconds"] += elapsed
+        log({"step": state["step"], "tokens": state["tokens"], "loss": float(loss.detach()), "lr": lr,
+             "grad_norm": float(grad_norm), "tokens_per_s": batch.num_tokens / elapsed})
+        bar.update(batch.num_tokens)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4g}", tok_s=f"{batch.num_tokens / elapsed:.0f}")
+        finished = state["tokens"] >= settings.tokens
+        if finished or state["step"] % settings.eval_every == 0:
+            run_eval()
+        if finished:
+            state["done"] = True
+        if finished or state["step"] % settings.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+    if writer is not None:
+        writer.close()
+
+    with torch.no_grad():
+        for name, p in parameters.items():
+            p.copy_(best[name])
+    result.steps, result.tokens, result.seconds = state["step"], state["tokens"], state["seconds"]
+    result.best_eval_loss, result.best_step = state["best_eval_loss"], state["best_step"]
+    result.first_eval_loss = state["first_eval_loss"]
+    result.history = history
+    return result
+
+
+def _eval_batches(held_out: Sequence[Example], settings: StageSettings, seed: int, pad_id: int) -> list[Batch]:
+    """A fixed subset of held-out batches (the same at every evaluation and after a resume)."""
+    batches, tokens = [], 0
+    for batch in make_batches(held_out, batch_tokens=settings.batch_tokens, seed=seed, epoch=0, pad_id=pad_id):
+        if tokens >= settings.eval_tokens:
+            break
+        batches.append(batch)
+        tokens += batch.num_tokens
+    return batches
+
+
+def _diverged(stage: str, what: str, value: float, state: dict, checkpoint_path: Path) -> str:
+    where = (f"the last good checkpoint ({checkpoint_path}) is intact; lower the learning rate and run again "
+             "with --resume" if checkpoint_path.is_file() else "no checkpoint had been written yet")
+    return f"{stage}: {what} is {value} at step {state['step'] + 1}; training stopped. {where}"
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop what a killed run logged after its last checkpoint: those steps are run again."""
+    kept = [r for r in _read_log(path) if r["step"] <= step]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def _tensorboard(run_dir: Path, name: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard" / name))
+
+
+def perplexity_from_loss(loss: float) -> float:
+    return math.exp(loss)

@@ -1,0 +1,67 @@
+"""Stage 2, LoRA: the feature maps and γ are frozen; low-rank adapters on the attention projections of
+the converted layers train on next-token prediction (peft does the LoRA)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..attention import LinearizedAttention
+from ..convert import set_attention_mode
+from ..data import Batch
+
+
+def lora_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Full module names of ``targets`` (e.g. q_proj) inside converted layers."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LinearizedAttention):
+            for target in targets:
+                if not isinstance(getattr(module, target, None), nn.Linear):
+                    raise ValueError(f"LoRA target {target!r} is not a linear layer of {name}")
+                names.append(f"{name}.{target}")
+    return names
+
+
+def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0) -> dict:
+    """Inject LoRA adapters in place (no wrapper model); returns the settings needed to rebuild them."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    modules = lora_target_modules(model, targets)
+    if not modules:
+        raise ValueError("the model has no converted layers to put LoRA on")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none")
+    inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return {"rank": rank, "alpha": alpha, "targets": list(targets), "dropout": dropout}
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if "lora_" in name}
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA adapter into its base weight and put the plain linear layer back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+
+
+def lm_loss_fn(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
+    device = next(model.parameters()).device
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        set_attention_mode(model, "linear")
+        return model(
+            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+            labels=batch.labels.to(device), use_cache=False,
+        ).loss
+
+    return loss_fn
