@@ -8,9 +8,10 @@ runner = CliRunner()
 def test_help_lists_only_working_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "convert" in result.output
-    for later in ("linearize", "generate", "bench", "export"):
-        assert later not in result.output
+    commands = {command.name or command.callback.__name__ for command in app.registered_commands}
+    assert commands == {"convert", "linearize"}
+    for name in commands:
+        assert name in result.output
 
 
 def test_convert_reports_on_stories260k(stories260k_path, tmp_path):

@@ -149,7 +149,7 @@ def train_stage(
         started = time.perf_counter()
         loss = loss_fn(batch)
         if not torch.isfinite(loss):
-            raise TrainingError(_diverged(settings.name, "loss", float(loss), state, checkpoint_path))
+            raise TrainingError(_diverged(settings.name, "loss", float(loss.detach()), state, checkpoint_path))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters.values()), settings.max_grad_norm)

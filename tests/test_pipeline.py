@@ -1,0 +1,202 @@
+"""Stage 1/2 training, checkpoints, resume, NaN guard and artifacts on the real stories260k model."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lolcats
+from lolcats.checkpoint import ADAPTER, MANIFEST, ArtifactError
+from lolcats.convert import set_attention_mode
+from lolcats.data import read_documents, split_held_out, tokenize_documents
+from lolcats.pipeline import RunConfig, linearize
+from lolcats.stages.loop import StageSettings, TrainingError, evaluate_loss, train_stage
+from lolcats.stages.lora import add_lora, lm_loss_fn, lora_parameters
+from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
+
+from conftest import SHARED
+
+SAMPLES = SHARED / "data" / "stories260k_samples.txt"
+VALID = SHARED / "data" / "tinystories_valid.txt"
+
+
+@pytest.fixture(scope="module")
+def examples(stories260k_path):
+    tokenizer = lolcats.load_tokenizer(str(stories260k_path))
+    documents = read_documents(SAMPLES)[:200]
+    return split_held_out(tokenize_documents(documents, tokenizer, 256), 20, seed=0)
+
+
+def converted(path):
+    return lolcats.convert(lolcats.load_base_model(str(path)))
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def changed(before, model):
+    return {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+
+
+def settings(name, tokens, lr, **kw):
+    return StageSettings(name=name, tokens=tokens, lr=lr, batch_tokens=1024, warmup_steps=2, eval_every=4,
+                         eval_tokens=2048, checkpoint_every=2, **kw)
+
+
+def test_stage1_trains_only_feature_maps_and_gamma_and_its_loss_falls(stories260k_path, examples, tmp_path):
+    train, held = examples
+    model = converted(stories260k_path)
+    params = transfer_parameters(model)
+    assert params and all(("feature_map_" in n) or n.endswith("window_logit") for n in params)
+    before = snapshot(model)
+    loss_fn = transfer_loss_fn(model)
+    result = train_stage(params, loss_fn, train, held, settings("stage1", 12_000, 1e-2), seed=0, pad_id=0,
+                         run_dir=tmp_path, progress=False)
+    assert changed(before, model) == set(params)
+    assert result.best_eval_loss < 0.5 * result.first_eval_loss
+    log = [json.loads(line) for line in (tmp_path / "logs" / "stage1.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, result.steps + 1))
+
+
+def test_stage2_trains_only_lora(stories260k_path, examples, tmp_path):
+    train, held = examples
+    model = converted(stories260k_path)
+    set_attention_mode(model, "linear")
+    add_lora(model, rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    before = snapshot(model)
+    params = lora_parameters(model)
+    assert len(params) == 5 * 4 * 2
+    train_stage(params, lm_loss_fn(model), train, held, settings("stage2", 3000, 1e-3, ), seed=0, pad_id=0,
+                run_dir=tmp_path, progress=False)
+    assert changed(before, model) and changed(before, model) <= {n for n in params if "lora_B" in n or "lora_A" in n}
+    assert all("feature_map" not in n and "window_logit" not in n for n in changed(before, model))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(stories260k_path, examples, tmp_path):
+    train, held = examples
+    stage = settings("stage1", 8000, 1e-2)
+
+    def run(run_dir, kill_at=None, resume=False):
+        model = converted(stories260k_path)
+        loss_fn = transfer_loss_fn(model)
+        calls = {"n": 0}
+
+        def maybe_killed(batch):
+            calls["n"] += 1
+            if kill_at is not None and calls["n"] == kill_at:
+                raise Killed
+            return loss_fn(batch)
+
+        result = train_stage(transfer_parameters(model), maybe_killed, train, held, stage, seed=3, pad_id=0,
+                             run_dir=run_dir, resume=resume, progress=False)
+        return result, {n: p.detach().clone() for n, p in transfer_parameters(model).items()}
+
+    full, full_params = run(tmp_path / "full")
+    # The 1st call is the initial evaluation over 2 held-out batches; call 8 is in the middle of training,
+    # after the step-4 checkpoint and between evaluations.
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", kill_at=8)
+    resumed, resumed_params = run(tmp_path / "killed", resume=True)
+    curve = lambda r: [(x["step"], x.get("loss"), x.get("eval_loss")) for x in r.history]  # noqa: E731
+    assert len(curve(resumed)) == len(curve(full))
+    for a, b in zip(curve(resumed), curve(full)):
+        assert a[0] == b[0]
+        for x, y in zip(a[1:], b[1:]):
+            assert (x is None and y is None) or math.isclose(x, y, rel_tol=1e-5)
+    for name in full_params:
+        torch.testing.assert_close(resumed_params[name], full_params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(stories260k_path, examples, tmp_path):
+    train, held = examples
+    model = converted(stories260k_path)
+    loss_fn = transfer_loss_fn(model)
+    steps = {"n": 0}
+
+    def poisoned(batch):
+        loss = loss_fn(batch)
+        if torch.is_grad_enabled():
+            steps["n"] += 1
+            if steps["n"] == 3:
+                return loss * float("nan")
+        return loss
+
+    params = transfer_parameters(model)
+    with pytest.raises(TrainingError, match=r"stage1: loss is nan at step 3.*last good checkpoint"):
+        train_stage(params, poisoned, train, held, settings("stage1", 10_000, 1e-2), seed=0, pad_id=0,
+                    run_dir=tmp_path, progress=False)
+    checkpoint = tmp_path / "checkpoints" / "stage1.safetensors"
+    fresh = converted(stories260k_path)
+    from lolcats.checkpoint import load_trainer_checkpoint
+
+    fresh_params = transfer_parameters(fresh)
+    state = load_trainer_checkpoint(checkpoint, fresh_params, torch.optim.AdamW(fresh_params.values()))
+    assert state["step"] == 2
+    assert all(torch.isfinite(p).all() for p in fresh_params.values())
+
+
+@pytest.fixture(scope="module")
+def trained_dir(stories260k_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run = RunConfig(model=str(stories260k_path), data=(str(SAMPLES),), out=str(out), seq_len=256,
+                    batch_tokens=1024, stage1_tokens=4000, stage2_tokens=2000, eval_tokens=1024, eval_every=2,
+                    eval_text=(str(VALID),), eval_max_tokens=1024, held_out=20)
+    manifest = linearize(run, echo=lambda _: None, progress=False)
+    return out, manifest
+
+
+def test_linearize_writes_a_manifest_and_adapter_that_load_back(trained_dir, stories260k_path):
+    out, manifest = trained_dir
+    saved = json.loads((out / MANIFEST).read_text())
+    assert saved["base_model"]["spec"] == str(stories260k_path)
+    assert set(saved["stages"]) == {"stage1", "stage2"}
+    assert saved["lora"]["rank"] == 8 and saved["conversion"]["attention"] == "lolcats"
+    assert {"torch", "transformers", "peft", "lolcats"} <= set(saved["versions"])
+    assert len(saved["metrics"]["layers"]) == 5 and saved["metrics"]["perplexity"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / ADAPTER), "pt") as f:
+        names = list(f.keys())
+    assert names and all(("feature_map" in n) or ("window_logit" in n) or ("lora_" in n) for n in names)
+    model = lolcats.load(out)
+    ids = torch.tensor([[1, 403, 407, 261, 378] * 30])
+    logits = model(input_ids=ids, use_cache=False).logits
+    unmerged = lolcats.load(out, merge=False)
+    torch.testing.assert_close(unmerged(input_ids=ids, use_cache=False).logits, logits, rtol=1e-4, atol=1e-4)
+    teacher = lolcats.load_base_model(str(stories260k_path))
+    assert not torch.allclose(teacher(input_ids=ids).logits, logits, atol=1e-3)
+
+
+def test_loading_onto_the_wrong_base_or_a_damaged_adapter_fails_clearly(trained_dir, stories260k_path, tmp_path):
+    out, _ = trained_dir
+    other = tmp_path / "other"
+    shutil.copytree(stories260k_path, other)
+    model = lolcats.load_base_model(str(other))
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight.mul_(1.01)
+    model.save_pretrained(other)
+    with pytest.raises(ArtifactError, match="fingerprint mismatch"):
+        lolcats.load(out, base_model=str(other))
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    data = (damaged / ADAPTER).read_bytes()
+    (damaged / ADAPTER).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated"):
+        lolcats.load(damaged)
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / ADAPTER))
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, str(damaged / ADAPTER))
+    with pytest.raises(ArtifactError, match="missing"):
+        lolcats.load(damaged)
