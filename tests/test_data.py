@@ -208,3 +208,21 @@ def test_batch_stream_resume_matches_uninterrupted():
                                         total - start))
         assert [i for i, _ in resumed] == list(range(start, total))
         assert all(batches_equal(x, y) for (_, x), (_, y) in zip(resumed, full[start:]))
+
+
+def test_pack_stream_keeps_whole_documents_in_order_and_is_deterministic():
+    from lolcats.data import pack_stream
+
+    examples = synthetic_examples(50)
+    rows = pack_stream(examples, seq_len=64, seed=1)
+    assert rows == pack_stream(examples, seq_len=64, seed=1)
+    assert rows != pack_stream(examples, seq_len=64, seed=2)
+    assert all(len(row.input_ids) <= 64 for row in rows)
+    stream = [token for row in rows for token in row.input_ids]
+    assert len(stream) == count_tokens(examples)
+    # Every document appears once, contiguous, starting with its identifying first id.
+    starts = [i for i, token in enumerate(stream) if token >= 1000]
+    assert sorted(stream[i] - 1000 for i in starts) == list(range(50))
+    lengths = {1000 + e.document: len(e.input_ids) for e in examples}
+    for i, j in zip(starts, starts[1:] + [len(stream)]):
+        assert j - i == lengths[stream[i]]

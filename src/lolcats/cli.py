@@ -56,12 +56,24 @@ def convert(
         raise typer.Exit(code=2) from None
 
 
+def recipe_path(config: str) -> Path:
+    """A YAML path, or the name of a recipe shipped in lolcats/configs."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    packaged = Path(__file__).parent / "configs" / f"{config}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise typer.BadParameter(f"{config} is neither a YAML file nor a packaged recipe "
+                             f"({', '.join(p.stem for p in sorted(packaged.parent.glob('*.yaml')))})")
+
+
 @app.command()
 def linearize(
     model: Optional[str] = typer.Option(None, help="Local HF folder, hub id or .gguf file (default: the packaged Gemma-3-270M)."),
     data: Optional[list[Path]] = typer.Option(None, help="Training text (.txt: blank-line separated documents) or .jsonl; repeatable."),
     out: Optional[Path] = typer.Option(None, help="Output folder: lolcats.json, adapter.safetensors, logs/, checkpoints/."),
-    config: Optional[Path] = typer.Option(None, help="YAML with the same keys as these flags (underscores); flags override it."),
+    config: Optional[str] = typer.Option(None, help="YAML with the same keys as these flags (underscores), or a packaged recipe name (stories260k-cpu, gemma3-270m-cpu); flags override it. Default without --model: gemma3-270m-cpu."),
     attention: Optional[str] = typer.Option(None, help="lolcats | sliding | linear | window"),
     feature_map: Optional[str] = typer.Option(None, help="hedgehog | t2r | elu | relu | taylor"),
     window: Optional[int] = typer.Option(None, help="Softmax window in tokens (default 64)."),
@@ -79,9 +91,9 @@ def linearize(
     from .pipeline import RunConfig, linearize as run_pipeline
     from .stages.loop import TrainingError
 
-    settings = load_yaml(config) if config else {}
-    if config and "defaults" in settings:
-        settings.pop("defaults")
+    if config is None and model is None:
+        config = "gemma3-270m-cpu"
+    settings = load_yaml(recipe_path(config)) if config else {}
     flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
                  attention=attention, feature_map=feature_map, window=window, seq_len=seq_len,
                  stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,

@@ -157,6 +157,31 @@ def split_held_out(examples: Sequence[Example], held_out: float | int, seed: int
     return train, held
 
 
+def pack_stream(examples: Sequence[Example], seq_len: int, seed: int) -> list[Example]:
+    """Concatenate whole documents (in a seeded order) and cut the stream into rows of ``seq_len`` tokens.
+
+    This is the explicit opt-in (``packing: stream``) to let attention run across document boundaries, the
+    way models pretrained on packed text (BOS-separated documents) saw their data; it matches evaluation
+    protocols that pack documents into fixed windows. Each document still starts with its BOS.
+    """
+    by_document: dict[int, list[Example]] = {}
+    for example in examples:
+        by_document.setdefault(example.document, []).append(example)
+    documents = sorted(by_document)
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids: list[int] = []
+    labels: list[int] = []
+    for position in order:
+        for example in by_document[documents[position]]:
+            ids += example.input_ids
+            labels += example.labels
+    rows = []
+    for row, start in enumerate(range(0, len(ids), seq_len)):
+        if len(ids[start:start + seq_len]) >= 2:
+            rows.append(Example(tuple(ids[start:start + seq_len]), tuple(labels[start:start + seq_len]), document=row))
+    return rows
+
+
 def count_tokens(examples: Sequence[Example]) -> int:
     return sum(len(example.input_ids) for example in examples)
 

@@ -28,7 +28,7 @@ from .checkpoint import (
 )
 from .config import AttentionKind, FeatureMapName, LinearizeConfig
 from .convert import convert, linearized_layers, set_attention_mode
-from .data import count_tokens, pad_id_for, read_documents, split_held_out, tokenize_documents
+from .data import count_tokens, pack_stream, pad_id_for, read_documents, split_held_out, tokenize_documents
 from .evaluate.perplexity import perplexity
 from .models import DEFAULT_MODEL, load_base_model, load_tokenizer
 from .stages.loop import StageSettings, train_stage
@@ -56,6 +56,10 @@ class RunConfig(BaseModel):
     batch_tokens: int = Field(4096, ge=2)
     held_out: float = Field(0.05, gt=0)
     add_eos: bool = False
+    # document: one document (or piece of one) per row, attention never crosses a boundary (default).
+    # stream: BOS-separated documents concatenated into seq_len rows, attention crossing boundaries as
+    # in pretraining on packed text; opt in when the teacher was trained and is evaluated that way.
+    packing: Literal["document", "stream"] = "document"
     seed: int = 0
     # stage 1
     stage1_tokens: int = Field(300_000, ge=0)
@@ -123,6 +127,8 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     examples = tokenize_documents(documents, tokenizer, run.seq_len, add_eos=run.add_eos)
     held_out = int(run.held_out) if run.held_out >= 1 else run.held_out
     train, held = split_held_out(examples, held_out, run.seed)
+    if run.packing == "stream":
+        train, held = pack_stream(train, run.seq_len, run.seed), pack_stream(held, run.seq_len, run.seed)
     pad_id = pad_id_for(tokenizer)
     echo(f"data: {len(documents)} documents, {count_tokens(train):,} training tokens, {count_tokens(held):,} held out")
 
@@ -188,7 +194,7 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     manifest["metrics"]["perplexity"] = {
         path: {"teacher": teacher_ppl[path], "linearized": linear_ppl[path],
                "ratio": linear_ppl[path] / teacher_ppl[path],
-               "protocol": run.eval_protocol if path in eval_files else "one document per row, BOS first",
+               "protocol": run.eval_protocol if path in eval_files else f"held-out split, {run.packing} packing",
                "seq_len": run.seq_len} for path in teacher_ppl
     }
     manifest["metrics"]["teacher_eval_seconds"] = teacher_eval_s
