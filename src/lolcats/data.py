@@ -103,9 +103,9 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     try:
-        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
     except TypeError:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def tokenize_documents(documents: Sequence[Document], tokenizer, seq_len: int, *, add_eos: bool = False) -> list[Example]:

@@ -32,7 +32,7 @@ from .data import count_tokens, pack_stream, pad_id_for, read_documents, split_h
 from .evaluate.perplexity import perplexity
 from .models import DEFAULT_MODEL, load_base_model, load_tokenizer
 from .stages.loop import StageSettings, train_stage
-from .stages.lora import add_lora, lm_loss_fn, lora_parameters, merge_lora
+from .stages.lora import add_lora, lm_loss_fn, lora_parameters, merge_lora, teacher_kl_loss_fn
 from .stages.transfer import transfer_loss_fn, transfer_parameters
 
 
@@ -69,11 +69,13 @@ class RunConfig(BaseModel):
     # stage 2
     stage2_tokens: int = Field(100_000, ge=0)
     stage2_lr: float = Field(1e-4, gt=0)
+    stage2_loss: Literal["ce", "kl"] = "ce"
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     # loop
     warmup_steps: int = Field(10, ge=0)
+    lr_decay: Literal["none", "cosine"] = "none"
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every: int = Field(25, ge=1)
     eval_tokens: int = Field(16384, ge=1)
@@ -93,7 +95,7 @@ class RunConfig(BaseModel):
         return StageSettings(name=name, tokens=tokens, lr=lr, batch_tokens=self.batch_tokens,
                              warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm,
                              eval_every=self.eval_every, eval_tokens=self.eval_tokens,
-                             checkpoint_every=self.checkpoint_every)
+                             checkpoint_every=self.checkpoint_every, decay=self.lr_decay)
 
 
 def _versions() -> dict:
@@ -171,7 +173,7 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     if run.stage2_tokens > 0:
         lora = add_lora(model, rank=run.lora_rank, alpha=run.lora_alpha, targets=run.lora_targets)
         result = train_stage(
-            lora_parameters(model), lm_loss_fn(model), train, held, run.stage("stage2", run.stage2_tokens, run.stage2_lr),
+            lora_parameters(model), lm_loss_fn(model) if run.stage2_loss == "ce" else teacher_kl_loss_fn(model), train, held, run.stage("stage2", run.stage2_tokens, run.stage2_lr),
             seed=run.seed + 1, pad_id=pad_id, run_dir=out, resume=run.resume, progress=progress,
         )
         stages["stage2"] = result.summary()

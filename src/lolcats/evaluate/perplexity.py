@@ -33,9 +33,9 @@ class PerplexityResult:
 
 def _encode(tokenizer, text: str) -> list[int]:
     try:
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
     except TypeError:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def perplexity_windows(tokenizer, path: str | Path, *, seq_len: int, protocol: Protocol = "documents",

@@ -38,6 +38,7 @@ class StageSettings:
     checkpoint_every: int = 25
     plateau_patience: int = 2
     plateau_factor: float = 0.5
+    decay: str = "none"  # "cosine": after warmup, the LR follows a half cosine to 0 over the token budget
 
 
 @dataclass
@@ -144,6 +145,8 @@ def train_stage(
         step_index, batch = next(stream)
         assert step_index == state["step"], "data stream out of step with the trainer"
         lr = settings.lr * min(1.0, (state["step"] + 1) / max(settings.warmup_steps, 1)) * state["plateau_scale"]
+        if settings.decay == "cosine":
+            lr *= 0.5 * (1 + math.cos(math.pi * min(state["tokens"] / settings.tokens, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()

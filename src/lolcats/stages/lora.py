@@ -1,5 +1,11 @@
 """Stage 2, LoRA: the feature maps and γ are frozen; low-rank adapters on the attention projections of
-the converted layers train on next-token prediction (peft does the LoRA)."""
+the converted layers train on next-token prediction (peft does the LoRA).
+
+Two next-token losses: ``ce``, cross-entropy on the data's tokens (the LoLCATs recipe), and ``kl``, the
+KL divergence from the teacher's next-token distribution (the same weights in softmax mode with the
+adapters off). ``kl`` costs one more forward per step but learns the teacher rather than the data; on
+self-distilled (sampled) data, ``ce`` drifts towards the sampler's sharper distribution.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from torch import nn
 
 from ..attention import LinearizedAttention
 from ..convert import set_attention_mode
-from ..data import Batch
+from ..data import IGNORE_INDEX, Batch
 
 
 def lora_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -63,5 +69,32 @@ def lm_loss_fn(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
             input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
             labels=batch.labels.to(device), use_cache=False,
         ).loss
+
+    return loss_fn
+
+
+def teacher_kl_loss_fn(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
+    from peft.tuners.lora import LoraLayer
+
+    device = next(model.parameters()).device
+    adapters = [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
+                  "use_cache": False}
+        # Positions whose next token carries loss: the same positions the cross-entropy would score.
+        scored = (batch.labels[:, 1:] != IGNORE_INDEX).to(device)
+        with torch.no_grad():
+            set_attention_mode(model, "softmax")
+            for adapter in adapters:
+                adapter.enable_adapters(False)
+            try:
+                teacher = torch.log_softmax(model(**inputs).logits[:, :-1][scored].float(), dim=-1)
+            finally:
+                for adapter in adapters:
+                    adapter.enable_adapters(True)
+                set_attention_mode(model, "linear")
+        student = torch.log_softmax(model(**inputs).logits[:, :-1][scored].float(), dim=-1)
+        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
     return loss_fn
