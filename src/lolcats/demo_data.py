@@ -8,6 +8,7 @@ under ~/.cache/lolcats (or $LOLCATS_CACHE) keyed by the teacher's fingerprint an
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable
@@ -22,22 +23,45 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOLCATS_CACHE", Path.home() / ".cache" / "lolcats"))
 
 
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """Nucleus sampling within the top_k most likely tokens (a full-vocabulary sort per step is what
+    makes transformers' generate() slow on a 262k vocabulary on CPU)."""
+    values, indices = torch.topk(logits.float() / temperature, top_k, dim=-1)
+    probs = torch.softmax(values, dim=-1)
+    outside = probs.cumsum(-1) - probs > top_p
+    probs = probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1)
+    return indices.gather(-1, choice).squeeze(-1)
+
+
 @torch.no_grad()
-def sample_documents(model, tokenizer, *, num_docs: int, max_new_tokens: int, seed: int, batch_size: int = 32,
-                     temperature: float = 1.0, top_p: float = 0.95) -> list[str]:
-    """``num_docs`` texts sampled from BOS alone (nucleus sampling), ending at EOS or ``max_new_tokens``."""
-    bos = tokenizer.bos_token_id
+def sample_documents(model, tokenizer, *, num_docs: int, max_new_tokens: int, seed: int, batch_size: int = 48,
+                     temperature: float = 1.0, top_p: float = 0.95, top_k: int = 64) -> list[str]:
+    """``num_docs`` texts sampled from BOS alone, ending at EOS or after ``max_new_tokens`` tokens."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None:
         raise ValueError("sampling demo data needs a tokenizer with a BOS token")
     documents: list[str] = []
     for first in range(0, num_docs, batch_size):
         count = min(batch_size, num_docs - first)
-        torch.manual_seed(seed * 100_003 + first)
-        prompt = torch.full((count, 1), bos, dtype=torch.long)
-        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                   temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                                   pad_token_id=tokenizer.eos_token_id)
-        for row in generated[:, 1:]:
+        generator_seed = seed * 100_003 + first
+        torch.manual_seed(generator_seed)
+        output = model(input_ids=torch.full((count, 1), bos, dtype=torch.long), use_cache=True)
+        # transformers renamed the cache argument (past_key_values -> cache) in 5.x.
+        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        finished = torch.zeros(count, dtype=torch.bool)
+        rows = []
+        for _ in range(max_new_tokens):
+            token = _sample(output.logits[:, -1], temperature, top_p, top_k)
+            if eos is not None:
+                token = torch.where(finished, torch.full_like(token, eos), token)
+                finished |= token == eos
+            rows.append(token)
+            if bool(finished.all()):
+                break
+            cache = getattr(output, "cache", None) or output.past_key_values
+            output = model(input_ids=token[:, None], use_cache=True, **{cache_argument: cache})
+        for row in torch.stack(rows, 1):
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
             # Blank lines separate documents in our text format: keep each sample one document.
             text = "\n".join(line for line in text.splitlines() if line.strip())
@@ -46,7 +70,7 @@ def sample_documents(model, tokenizer, *, num_docs: int, max_new_tokens: int, se
     return documents
 
 
-def default_data(model, tokenizer, fingerprint: str, *, train_docs: int = 160, held_docs: int = 16,
+def default_data(model, tokenizer, fingerprint: str, *, train_docs: int = 96, held_docs: int = 12,
                  max_new_tokens: int = 384, echo: Callable[[str], None] = print) -> tuple[Path, Path]:
     """(train file, held-out file) of teacher samples, sampled once and cached."""
     folder = cache_dir() / f"samples-{fingerprint[:16]}-{train_docs}-{held_docs}-{max_new_tokens}"
