@@ -200,3 +200,14 @@ def test_loading_onto_the_wrong_base_or_a_damaged_adapter_fails_clearly(trained_
     save_file(tensors, str(damaged / ADAPTER))
     with pytest.raises(ArtifactError, match="missing"):
         lolcats.load(damaged)
+
+
+def test_perplexity_protocols_reproduce_the_reference_numbers(stories260k_path):
+    from lolcats.evaluate import perplexity
+
+    model = lolcats.load_base_model(str(stories260k_path))
+    tokenizer = lolcats.load_tokenizer(str(stories260k_path))
+    # DEVELOPERS.md: BOS-prefixed stories packed into 512-token windows -> 5.452.
+    assert perplexity(model, tokenizer, VALID, seq_len=512, protocol="documents").ppl == pytest.approx(5.452, abs=5e-3)
+    # shared/data/README.md: each story alone, BOS + <= 511 tokens -> 5.320.
+    assert perplexity(model, tokenizer, VALID, seq_len=512, protocol="per-document").ppl == pytest.approx(5.320, abs=5e-3)

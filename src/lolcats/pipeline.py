@@ -82,7 +82,7 @@ class RunConfig(BaseModel):
     checkpoint_every: int = Field(25, ge=1)
     # final report
     eval_text: tuple[str, ...] = ()
-    eval_protocol: Literal["documents", "bos-window"] = "documents"
+    eval_protocol: Literal["documents", "per-document", "bos-window"] = "documents"
     eval_max_tokens: int | None = None
     resume: bool = False
 

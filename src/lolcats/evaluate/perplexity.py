@@ -5,6 +5,8 @@ Protocols (``protocol=``):
               into windows of ``seq_len`` tokens; every token but a window's first is predicted. This is
               the stories260k protocol of DEVELOPERS.md ("BOS-prefixed stories packed into 512-token
               windows"). Windows may span a story boundary, as in that protocol.
+  per-document  each document is scored alone as BOS + its first ``seq_len`` − 1 tokens (the stories260k
+              model card's protocol); no window mixes documents.
   bos-window  the file is one token stream (no special tokens; literal "<unk>" stays text); the first
               ``max_tokens`` are cut into windows of ``seq_len``, each scored as BOS + window, so every
               token is predicted. This is the Gemma protocol of shared/data/README.md.
@@ -21,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Protocol = Literal["documents", "bos-window"]
+Protocol = Literal["documents", "per-document", "bos-window"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ def perplexity_windows(tokenizer, path: str | Path, *, seq_len: int, protocol: P
         if max_tokens:
             stream = stream[:max_tokens]
         return [stream[i:i + seq_len] for i in range(0, len(stream), seq_len) if len(stream[i:i + seq_len]) > 1], 1
+    if protocol == "per-document":
+        prefix = [bos] if bos is not None else []
+        windows = [(prefix + _encode(tokenizer, d.prompt + d.text))[:seq_len] for d in read_documents(path)]
+        return [w for w in windows if len(w) > 1], 1
     if protocol == "bos-window":
         if bos is None:
             raise ValueError("the bos-window protocol needs a tokenizer with a BOS token")
@@ -58,7 +64,7 @@ def perplexity_windows(tokenizer, path: str | Path, *, seq_len: int, protocol: P
         if max_tokens:
             stream = stream[:max_tokens]
         return [[bos] + stream[i:i + seq_len] for i in range(0, len(stream), seq_len)], 1
-    raise ValueError(f"unknown perplexity protocol {protocol!r}; expected 'documents' or 'bos-window'")
+    raise ValueError(f"unknown perplexity protocol {protocol!r}; expected 'documents', 'per-document' or 'bos-window'")
 
 
 @torch.no_grad()
