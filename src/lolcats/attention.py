@@ -179,21 +179,19 @@ class LinearizedAttention(nn.Module):
 
     def _attention_cross_entropy(self, q, k, start) -> torch.Tensor:
         """Cross-entropy of the student's attention weights against the teacher's, over real queries."""
-        length = q.shape[2]
         with torch.no_grad():
-            teacher_window = Window("sliding", self.teacher_window or length)
+            teacher_window = Window("sliding", self.teacher_window or q.shape[2])
             teacher, _ = hybrid_attention_weights(q, k, None, None, window=teacher_window, scaling=self.scaling,
                                                   use_linear=False, start=start)
         softmax_part, linear_part = self._student_weights(q, k, start)
         per_query = -(teacher * torch.log((softmax_part + linear_part).clamp(min=1e-12))).sum(-1)  # (B, H, L)
-        real = (torch.arange(length, device=q.device)[None, :] >= start[:, None]).to(per_query.dtype)
+        real = _real_queries(start, q.shape[2], per_query.dtype)
         return (per_query.mean(1) * real).sum() / real.sum().clamp(min=1)
 
     def _linear_share(self, q, k, start) -> torch.Tensor:
         """Per head: the mean over real queries of the attention mass that goes to the linear term."""
         _, linear_part = self._student_weights(q, k, start)
-        length = q.shape[2]
-        real = (torch.arange(length, device=q.device)[None, :] >= start[:, None]).to(linear_part.dtype)
+        real = _real_queries(start, q.shape[2], linear_part.dtype)
         share = linear_part.sum(-1)  # (B, H, L)
         return (share * real[:, None]).sum((0, 2)) / real.sum().clamp(min=1)
 
@@ -215,9 +213,13 @@ class LinearizedAttention(nn.Module):
         )
 
 
+def _real_queries(start: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) weights: 1 for real positions, 0 for left padding."""
+    return (torch.arange(length, device=start.device)[None, :] >= start[:, None]).to(dtype)
+
+
 def _masked_mse(predicted: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """Mean squared error over real tokens of (B, H, L, D) outputs (padding positions excluded)."""
-    length = predicted.shape[2]
-    real = (torch.arange(length, device=start.device)[None, :] >= start[:, None]).to(predicted.dtype)
+    real = _real_queries(start, predicted.shape[2], predicted.dtype)
     squared = (predicted.float() - target.float()).pow(2).mean(dim=(1, 3))  # (B, L)
     return (squared * real).sum() / real.sum().clamp(min=1)

@@ -7,6 +7,7 @@ perplexity. ``load(DIR)`` rebuilds the trained model from what ``linearize`` sav
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -230,7 +231,7 @@ def held_out_perplexity(model, held, pad_id: int, batch_tokens: int, max_tokens:
         total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(),
                                                          ignore_index=IGNORE_INDEX, reduction="sum"))
         count += int((labels != IGNORE_INDEX).sum())
-    return float(torch.exp(torch.tensor(total / max(count, 1))))
+    return math.exp(total / max(count, 1))
 
 
 @torch.no_grad()

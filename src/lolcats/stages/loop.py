@@ -223,7 +223,3 @@ def _tensorboard(run_dir: Path, name: str):
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard" / name))
-
-
-def perplexity_from_loss(loss: float) -> float:
-    return math.exp(loss)
