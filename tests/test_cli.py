@@ -1,3 +1,4 @@
+import pytest
 from typer.testing import CliRunner
 
 from lolcats.cli import app
@@ -9,8 +10,9 @@ def test_help_lists_only_working_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     commands = {command.name or command.callback.__name__ for command in app.registered_commands}
-    assert commands == {"convert", "linearize"}
-    for name in commands:
+    assert commands == {"convert", "linearize", "generate"}
+    assert [group.name for group in app.registered_groups] == ["bench"]
+    for name in commands | {"bench"}:
         assert name in result.output
 
 
@@ -66,3 +68,56 @@ def test_linearize_errors_are_one_line_without_traceback(stories260k_path, tmp_p
     assert "bad.jsonl:2" in result.output
     result = runner.invoke(app, ["linearize", "--config", "no-such-recipe", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "packaged recipe" in result.output
+
+
+@pytest.fixture(scope="module")
+def linearized_dir(stories260k_path, tmp_path_factory):
+    from conftest import SHARED
+
+    from lolcats import RunConfig, linearize
+
+    out = tmp_path_factory.mktemp("linearized")
+    run = RunConfig(model=str(stories260k_path), data=(str(SHARED / "data" / "stories260k_samples.txt"),), out=str(out),
+                    seq_len=256, batch_tokens=1024, stage1_tokens=2000, stage2_tokens=1000, eval_tokens=1024,
+                    eval_every=2, held_out=10)
+    linearize(run, echo=lambda _: None, progress=False)
+    return out
+
+
+def test_generate_streams_the_greedy_continuation(linearized_dir, stories260k_path):
+    import lolcats
+    from lolcats.generation import generate_text
+
+    prompt = "Once upon a time, there was a little dog"
+    result = runner.invoke(app, ["generate", "--model", str(linearized_dir), "--prompt", prompt, "--max-new-tokens", "30"])
+    assert result.exit_code == 0, result.output
+    expected = generate_text(lolcats.load(linearized_dir), lolcats.load_tokenizer(str(stories260k_path)), prompt,
+                             max_new_tokens=30)
+    assert len(expected) > 20 and result.output.startswith(prompt) and expected.strip() in result.output
+    teacher = runner.invoke(app, ["generate", "--model", str(stories260k_path), "--prompt", prompt,
+                                  "--max-new-tokens", "10", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"])
+    assert teacher.exit_code == 0, teacher.output
+    assert len(teacher.output) > len(prompt) + 5
+
+
+def test_bench_decode_writes_json_and_plot(linearized_dir, tmp_path):
+    import json
+
+    out, plot = tmp_path / "decode.json", tmp_path / "decode.png"
+    result = runner.invoke(app, ["bench", "decode", "--model", str(linearized_dir), "--contexts", "64,300",
+                                 "--new-tokens", "3", "--json", str(out), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["contexts"] == [64, 300]
+    for name in ("linearized", "teacher"):
+        assert set(data[name]) >= {"ms_per_token", "cache_bytes", "prefill_s", "peak_rss_bytes"}
+        assert all(t > 0 for t in data[name]["ms_per_token"] + data[name]["prefill_s"])
+    linear_bytes, teacher_bytes = data["linearized"]["cache_bytes"], data["teacher"]["cache_bytes"]
+    assert linear_bytes[0] == linear_bytes[1] > 0
+    assert teacher_bytes[1] > 4 * teacher_bytes[0]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_decode_refuses_a_base_model(stories260k_path):
+    result = runner.invoke(app, ["bench", "decode", "--model", str(stories260k_path)])
+    assert result.exit_code == 2 and "not a linearized output folder" in result.output

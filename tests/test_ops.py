@@ -17,6 +17,7 @@ from lolcats.ops import (
     linear_attention_chunked,
     linear_attention_recurrent,
     linear_attention_reference,
+    recurrent_state_from_prefix,
     softmax_attention,
 )
 
@@ -179,7 +180,7 @@ def test_bf16_inputs_accumulate_in_fp32():
     cache = RecurrentState.empty(1, 4, 4, 16, 16, 16, Window("terrace", 32), dtype=torch.bfloat16)
     assert cache.state.dtype == torch.float32 and cache.norm.dtype == torch.float32
     for t in range(300):
-        step = hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], torch.tensor([t]), **kwargs)
+        step = hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], **kwargs)
     assert max_relative_error(step.float(), exact[:, :, -1]) <= 2**-7
 
 
@@ -189,7 +190,7 @@ def test_recurrent_state_size_is_constant():
     before = cache.nbytes()
     q, k, v, fq, fk, gamma = make_inputs(1, 8, 2, 300, 64, 128, seed=9)
     for t in range(300):
-        hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], torch.tensor([t]), window=window, gamma=gamma)
+        hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], window=window, gamma=gamma)
     assert cache.nbytes() == before
     assert cache.keys.shape[2] == 2 * 64
 
@@ -229,3 +230,19 @@ def test_memory_of_chunked_path_has_no_quadratic_tensor():
             hybrid_attention_chunked(q, k, v, fq, fk, window=Window("terrace", 64), gamma=gamma)
         assert max(sizes) < 2 * 2 * length * 3 * 64 * 2, f"a saved tensor of {max(sizes)} elements at L={length}"
     assert math.isfinite(max(sizes))
+
+
+@pytest.mark.parametrize("window", [Window("terrace", 8), Window("sliding", 8), Window("none")])
+@pytest.mark.parametrize("prompt", [1, 7, 8, 9, 16, 23, 40])
+def test_state_from_prefix_continues_like_stepping(window, prompt):
+    """Prefill (state built from the whole prompt at once) then decode equals decoding from scratch."""
+    q, k, v, fq, fk, gamma = make_inputs(2, 4, 2, 50, 8, 6, seed=prompt)
+    start = torch.tensor([0, min(3, prompt - 1)])
+    kwargs = dict(window=window, scaling=0.3, gamma=gamma)
+    expected = hybrid_attention_recurrent(q, k, v, fq, fk, start=start, **kwargs)
+    cache = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
+                                        num_heads=4, start=start)
+    assert cache.columns == prompt and cache.lengths.tolist() == [prompt, prompt - int(start[1])]
+    steps = [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], **kwargs)
+             for t in range(prompt, 50)]
+    assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL

@@ -13,7 +13,6 @@ weights keep their state-dict keys, and adds a feature map per head for q and k 
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Literal
 
 import torch
@@ -21,29 +20,83 @@ from torch import nn
 
 from .config import LinearizeConfig
 from .feature_maps import make_feature_map
+from .cache import LinearizedCache, RecurrentLayer
 from .families import AttentionFamily
-from .ops import Window, expand_heads, hybrid_attention_chunked, hybrid_attention_weights, softmax_attention
+from .ops import (
+    Window,
+    expand_heads,
+    hybrid_attention_chunked,
+    hybrid_attention_step,
+    hybrid_attention_weights,
+    recurrent_state_from_prefix,
+    softmax_attention,
+)
 
 AttentionMode = Literal["softmax", "linear", "distill"]
 MODES = ("softmax", "linear", "distill")
 
 
 class PaddingContext:
-    """Carries the 2D attention mask of the current forward from the decoder to every layer.
+    """What every linearized layer needs from the decoder's own arguments, captured once per forward.
 
     HF hands attention layers a 4D mask whose form depends on the attention implementation (or None);
-    lolcats needs each row's first real token, so the decoder's own 2D ``attention_mask`` argument is
-    captured by a forward pre-hook and turned into row starts once per forward.
+    lolcats needs each row's first real token, so a forward pre-hook on the decoder keeps its 2D
+    ``attention_mask``. The same hook makes generation work: it swaps the empty cache that
+    ``generate()`` or ``use_cache=True`` creates for a ``LinearizedCache``, and gives left-padded rows
+    position ids counted from their first real token (as ``generate()`` does), so a padded row is
+    computed exactly as it would be alone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cache_factory=None, cache_argument: str = "cache") -> None:
         self.attention_mask: torch.Tensor | None = None
+        self.cache_factory = cache_factory
+        self.cache_argument = cache_argument
         self._starts: torch.Tensor | None = None
+        self._new_tokens: tuple[int, torch.Tensor | None] | None = None
 
-    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self.attention_mask = mask
         self._starts = None
+        self._new_tokens = None
+        if self.cache_factory is None:
+            return None
+        kwargs = dict(kwargs)
+        if len(args) > 1:  # move a positional mask to kwargs so that position ids can follow by name
+            kwargs["attention_mask"] = args[1]
+            args = args[:1]
+        self._provide_cache(module, kwargs)
+        self._provide_position_ids(args, kwargs)
+        return args, kwargs
+
+    def _provide_cache(self, module: nn.Module, kwargs: dict) -> None:
+        name = self.cache_argument
+        cache = kwargs.get(name, kwargs.get("past_key_values"))
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", False)
+        if isinstance(cache, LinearizedCache):
+            return
+        if cache is None and not use_cache:
+            return
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"a linearized model cannot continue from a {type(cache).__name__} that already holds tokens; "
+                "let the model create its cache (generate() does) or pass the cache it returned"
+            )
+        kwargs.pop("past_key_values", None)
+        kwargs[name] = self.cache_factory()
+
+    def _provide_position_ids(self, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is not None or mask is None or mask.dim() != 2 or bool(mask.all()):
+            return
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs["inputs_embeds"]
+        length = inputs.shape[1]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = positions[:, -length:]
 
     def row_starts(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
         """Index of each row's first real token; rows must be padded on the left and/or right only."""
@@ -58,9 +111,9 @@ class PaddingContext:
                     f"linearized attention needs the 2D padding mask (batch, length); got a {mask.dim()}D mask"
                 )
             if mask.shape != (batch, length):
-                raise NotImplementedError(
-                    f"attention_mask covers {mask.shape[1]} positions for {length} new tokens: incremental "
-                    "decoding with a cache is not supported by linearized layers yet; call with use_cache=False"
+                raise ValueError(
+                    f"attention_mask covers {mask.shape[1]} positions for {length} new tokens, but the cache is "
+                    "empty: pass the cache returned by the previous call"
                 )
             real = mask.to(torch.bool)
             positions = torch.arange(length, device=device)
@@ -74,6 +127,24 @@ class PaddingContext:
                 )
         self._starts = starts
         return starts
+
+    def right_padded(self) -> bool:
+        mask = self.attention_mask
+        return mask is not None and mask.dim() == 2 and not bool(mask[:, -1].all())
+
+    def new_token_mask(self, length: int) -> torch.Tensor | None:
+        """(B, length) bool: which of the newest ``length`` columns are real tokens (None: all of them)."""
+        if self._new_tokens is None or self._new_tokens[0] != length:
+            mask = self.attention_mask
+            real = None
+            if mask is not None:
+                if mask.dim() != 2:
+                    raise ValueError(f"linearized attention needs the 2D padding mask; got a {mask.dim()}D mask")
+                real = mask[:, -length:].to(torch.bool)
+                if bool(real.all()):
+                    real = None
+            self._new_tokens = (length, real)
+        return self._new_tokens[1]
 
 
 class LinearizedAttention(nn.Module):
@@ -123,7 +194,6 @@ class LinearizedAttention(nn.Module):
         self.record_linear_share = False
         self.linear_share: torch.Tensor | None = None
         self._context = context
-        self._last_cache = None
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -133,11 +203,14 @@ class LinearizedAttention(nn.Module):
     def teacher(self, q, k, v, start) -> torch.Tensor:
         return softmax_attention(q, k, v, scaling=self.scaling, sliding_window=self.teacher_window, start=start)
 
-    def student(self, q, k, v, start) -> torch.Tensor:
-        fq = fk = None
-        if self.use_linear:
-            fq = self.feature_map_q(q)
-            fk = self.feature_map_k(expand_heads(k, self.num_heads))
+    def features(self, q, k):
+        """φ(q) (B, H, L, F) and φ(k) of the keys repeated to the query heads; (None, None) without a linear term."""
+        if not self.use_linear:
+            return None, None
+        return self.feature_map_q(q), self.feature_map_k(expand_heads(k, self.num_heads))
+
+    def student(self, q, k, v, start, features=None) -> torch.Tensor:
+        fq, fk = features if features is not None else self.features(q, k)
         return hybrid_attention_chunked(
             q, k, v, fq, fk,
             window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
@@ -146,17 +219,25 @@ class LinearizedAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         batch, length, _ = hidden_states.shape
-        self._refuse_incremental_decoding(kwargs.get("cache", kwargs.get("past_key_values")))
-        start = self._context.row_starts(batch, length, hidden_states.device)
+        layer_cache = self._layer_cache(kwargs.get("cache", kwargs.get("past_key_values")))
         q, k, v = self.family.project(self, hidden_states, position_embeddings)
-        if self.mode == "softmax":
-            out = self.teacher(q, k, v, start)
+        if layer_cache is not None and layer_cache.state is not None:
+            out = self._decode(q, k, v, layer_cache)
         elif self.mode == "linear":
-            out = self.student(q, k, v, start)
+            start = self._context.row_starts(batch, length, hidden_states.device)
+            features = self.features(q, k)
+            out = self.student(q, k, v, start, features)
+            if layer_cache is not None:
+                self._prefill(layer_cache, k, v, features[1], start)
             if self.record_linear_share:
                 with torch.no_grad():
                     self.linear_share = self._linear_share(q, k, start)
+        elif layer_cache is not None:
+            raise ValueError(f"a cache is only filled in linear mode, not {self.mode!r}: call with use_cache=False")
+        elif self.mode == "softmax":
+            out = self.teacher(q, k, v, self._context.row_starts(batch, length, hidden_states.device))
         elif self.mode == "distill":
+            start = self._context.row_starts(batch, length, hidden_states.device)
             with torch.no_grad():
                 out = self.teacher(q, k, v, start)
             predicted = self.student(q, k, v, start)
@@ -167,6 +248,45 @@ class LinearizedAttention(nn.Module):
             raise ValueError(f"unknown attention mode {self.mode!r}; expected one of {MODES}")
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), None
+
+    def _layer_cache(self, cache) -> RecurrentLayer | None:
+        if cache is None:
+            return None
+        layer = cache.layers[self.layer_idx] if isinstance(cache, LinearizedCache) else None
+        if not isinstance(layer, RecurrentLayer):
+            raise ValueError(
+                f"linearized layer {self.layer_idx} got a {type(cache).__name__} without a recurrent state for it; "
+                "use the cache the linearized model creates (generate() does this by itself)"
+            )
+        return layer
+
+    def _prefill(self, layer_cache: RecurrentLayer, k, v, fk, start) -> None:
+        if self._context.right_padded():
+            raise ValueError("prompts for generation must be padded on the left (tokenizer.padding_side = 'left')")
+        layer_cache.state = recurrent_state_from_prefix(
+            k.detach(), v.detach(), None if fk is None else fk.detach(),
+            window=self.window, num_heads=self.num_heads, start=start,
+        )
+
+    @torch.no_grad()
+    def _decode(self, q, k, v, layer_cache: RecurrentLayer) -> torch.Tensor:
+        """New tokens after a filled cache, one step each (constant work per token)."""
+        if self.mode != "linear":
+            raise ValueError(f"decoding with a cache needs linear mode, not {self.mode!r}")
+        state = layer_cache.state
+        real = self._context.new_token_mask(q.shape[2])
+        fq, fk = self.features(q, k)
+        outputs = []
+        for t in range(q.shape[2]):
+            real_t = None if real is None else real[:, t]
+            if real_t is not None and bool((~real_t & (state.lengths > 0)).any()):
+                raise ValueError("attention_mask marks padding after a row's real tokens; pad on the left only")
+            outputs.append(hybrid_attention_step(
+                state, q[:, :, t], k[:, :, t], v[:, :, t],
+                None if fq is None else fq[:, :, t], None if fk is None else fk[:, :, t], real_t,
+                window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
+            ))
+        return torch.stack(outputs, dim=2)
 
     def _student_weights(self, q, k, start):
         fq = fk = None
@@ -194,17 +314,6 @@ class LinearizedAttention(nn.Module):
         real = _real_queries(start, q.shape[2], linear_part.dtype)
         share = linear_part.sum(-1)  # (B, H, L)
         return (share * real[:, None]).sum((0, 2)) / real.sum().clamp(min=1)
-
-    def _refuse_incremental_decoding(self, cache) -> None:
-        """A cache object seen twice means token-by-token decoding, which this layer cannot do correctly yet."""
-        if cache is None:
-            return
-        if self._last_cache is not None and self._last_cache() is cache:
-            raise NotImplementedError(
-                "incremental decoding with a cache is not supported by linearized layers yet; "
-                "call the model on whole sequences with use_cache=False"
-            )
-        self._last_cache = weakref.ref(cache)
 
     def extra_repr(self) -> str:
         return (

@@ -10,8 +10,8 @@ import typer
 from .models import DEFAULT_MODEL
 
 app = typer.Typer(
-    help="Linearize pretrained causal LMs (LoLCATs). Available now: `linearize` (attention transfer + LoRA) and "
-    "`convert` (conversion check). Generation, evaluation, block-wise transfer and export come later.",
+    help="Linearize pretrained causal LMs (LoLCATs): `linearize` (attention transfer + LoRA), `generate` "
+    "(constant-memory decoding), `bench decode` (latency and cache size against context), `convert` (conversion check).",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -23,6 +23,11 @@ def main() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2) from None
 
 
 @app.command()
@@ -52,8 +57,7 @@ def convert(
         linearize_config = LinearizeConfig(**settings)
         conversion_report(model, linearize_config, text=text, seq_len=seq_len, echo=typer.echo)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+        _fail(err)
 
 
 def recipe_path(config: str) -> Path:
@@ -108,8 +112,76 @@ def linearize(
         run = RunConfig(**settings)
         run_pipeline(run, echo=typer.echo, progress=not quiet)
     except (ValueError, FileNotFoundError, NotImplementedError, TrainingError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+        _fail(err)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., help="A linearized output folder, or a base model (local folder, hub id, .gguf, 'gemma3-270m') to compare."),
+    prompt: str = typer.Option(..., help="Text to continue."),
+    max_new_tokens: int = typer.Option(128, help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (with --temperature > 0)."),
+    seed: int = typer.Option(0, help="Seed for sampling."),
+) -> None:
+    """Continue PROMPT, streaming tokens as they are produced (constant-size cache for linearized models)."""
+    from transformers import TextStreamer
+
+    from .generation import generate_text, load_model, tokenizer_for
+
+    try:
+        tokenizer = tokenizer_for(model)
+        loaded = load_model(model)
+        typer.echo(prompt, nl=False)
+        generate_text(loaded, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      seed=seed, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        _fail(err)
+
+
+bench = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+
+@bench.command("decode")
+def bench_decode(
+    model: str = typer.Option(..., help="A linearized output folder; its base model is benchmarked beside it as the teacher."),
+    contexts: str = typer.Option("1024,4096,16384,32768", help="Comma-separated context lengths to prefill before decoding."),
+    new_tokens: int = typer.Option(16, help="Tokens decoded (and timed) after each prefill."),
+    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also measure the base model (softmax, KV cache)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of ms/token and cache bytes against context."),
+) -> None:
+    """Prefill time, ms per generated token, cache bytes and peak RSS at each context, linearized vs teacher."""
+    import json
+
+    import torch
+
+    from .bench import bench_decode as run_bench, plot_decode
+    from .generation import base_model_spec, is_linearized_folder, load_model
+
+    try:
+        context_list = [int(c) for c in contexts.split(",") if c.strip()]
+        if not context_list or min(context_list) < 1:
+            raise ValueError(f"--contexts needs positive integers, got {contexts!r}")
+        if not is_linearized_folder(model):
+            raise ValueError(f"{model} is not a linearized output folder (no lolcats.json)")
+        if threads:
+            torch.set_num_threads(threads)
+        models = {"linearized": load_model(model)}
+        if teacher:
+            models["teacher"] = load_model(base_model_spec(model))
+        result = run_bench(models, context_list, new_tokens=new_tokens, echo=typer.echo)
+        result["model"] = model
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        _fail(err)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_decode(result, plot)
 
 
 if __name__ == "__main__":

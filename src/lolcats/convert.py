@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from .cache import LinearizedCache
 from .attention import MODES, AttentionMode, LinearizedAttention, PaddingContext
 from .config import LinearizeConfig
 from .families import family_for
@@ -34,8 +36,14 @@ def convert(model: nn.Module, config: LinearizeConfig | None = None, **overrides
 
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    context = PaddingContext()
-    model.get_decoder().register_forward_pre_hook(context.capture, with_kwargs=True)
+    decoder = model.get_decoder()
+    linearized: list[int] = []
+    text_config = model.config.get_text_config(decoder=True)
+    context = PaddingContext(
+        cache_factory=lambda: LinearizedCache(text_config, linearized),
+        cache_argument="cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values",
+    )
+    decoder.register_forward_pre_hook(context.capture, with_kwargs=True)
 
     for layer_idx, layer in enumerate(layers):
         if layer_idx in config.softmax_layers:
@@ -43,9 +51,10 @@ def convert(model: nn.Module, config: LinearizeConfig | None = None, **overrides
         if config.local_layers == "keep" and family.is_local_layer(model.config, layer_idx):
             continue
         original = family.attention(layer)
-        linearized = LinearizedAttention(original, family, config, context, layer_idx)
-        linearized.to(device=original.q_proj.weight.device)
-        family.set_attention(layer, linearized)
+        module = LinearizedAttention(original, family, config, context, layer_idx)
+        module.to(device=original.q_proj.weight.device)
+        family.set_attention(layer, module)
+        linearized.append(layer_idx)
     model.lolcats_config = config
     return model
 

@@ -5,7 +5,13 @@ Each function has a quadratic reference beside its fast paths; the tests hold th
 
 from .chunked import hybrid_attention_chunked, linear_attention_chunked
 from .common import Window, expand_heads
-from .recurrent import RecurrentState, hybrid_attention_recurrent, hybrid_attention_step, linear_attention_recurrent
+from .recurrent import (
+    RecurrentState,
+    hybrid_attention_recurrent,
+    hybrid_attention_step,
+    linear_attention_recurrent,
+    recurrent_state_from_prefix,
+)
 from .reference import hybrid_attention_reference, hybrid_attention_weights, linear_attention_reference
 from .softmax import softmax_attention
 
@@ -21,5 +27,6 @@ __all__ = [
     "linear_attention_chunked",
     "linear_attention_recurrent",
     "linear_attention_reference",
+    "recurrent_state_from_prefix",
     "softmax_attention",
 ]

@@ -1,12 +1,14 @@
-"""Recurrent hybrid attention: one token at a time with a constant-size state.
+"""Recurrent hybrid attention: one token at a time with a constant-size state (the decode path).
 
 The state holds, per row:
   S = Σ φ(k) vᵀ and z = Σ φ(k) (fp32) over keys that have left the ring below, and
-  a ring of the last R keys/values/φ(k) with their relative positions, R = lookback + 1
+  a ring of the last R columns' keys/values/φ(k) with their relative positions, R = lookback + 1
   (2·size for the terrace, size for a sliding window, 0 without a window).
-A key is folded into (S, z) only when its slot is overwritten, R tokens later; until then a key that
-has already left the window is counted as a linear term straight from the ring. This reproduces the
-window of training exactly, including the terrace's size+1 … 2·size visible keys.
+The ring is indexed by column (slot = column mod R), the same slot for every row of a batch; a row's
+left padding leaves its slots empty (relative position −1, φ(k) = 0). A key is folded into (S, z)
+only when its slot is overwritten, R columns later; until then a key that has already left the window
+is counted as a linear term straight from the ring. This reproduces the window of training exactly,
+including the terrace's size+1 … 2·size visible keys. Rows may be padded on the left only.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ class RecurrentState:
     norm: torch.Tensor  # (B, H, F) fp32: Σ φ(k) over folded keys
     keys: torch.Tensor  # (B, Hkv, R, D) ring of recent keys
     values: torch.Tensor  # (B, Hkv, R, Dv)
-    feature_keys: torch.Tensor  # (B, H, R, F)
+    feature_keys: torch.Tensor  # (B, H, R, F) fp32, zero in empty slots
     slot_positions: torch.Tensor  # (B, R) relative position held by each slot, −1 when empty
+    lengths: torch.Tensor  # (B,) real tokens seen per row: the relative position of the next one
+    columns: int = 0  # tokens seen per row, padding included: the column of the next one
 
     @classmethod
     def empty(
@@ -49,15 +53,73 @@ class RecurrentState:
             values=torch.zeros(batch, num_kv_heads, ring, value_dim, dtype=dtype, device=device),
             feature_keys=torch.zeros(batch, num_heads, ring, feature_dim, device=device),
             slot_positions=torch.full((batch, ring), -1, dtype=torch.long, device=device),
+            lengths=torch.zeros(batch, dtype=torch.long, device=device),
         )
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values())
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep (or repeat, or reorder) rows in place: beam search and num_return_sequences."""
+        for name, tensor in self.tensors().items():
+            setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
 
 
 def _by_kv_group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """(B, H, ...) -> (B, Hkv, H/Hkv, ...): query heads grouped under the kv head they share."""
     return x.view(x.shape[0], num_kv_heads, x.shape[1] // num_kv_heads, *x.shape[2:])
+
+
+def _expand(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, Hkv, X) -> (B, H, X)."""
+    groups = num_heads // x.shape[1]
+    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+
+@torch.no_grad()
+def recurrent_state_from_prefix(
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    fk: torch.Tensor | None,
+    *,
+    window: Window,
+    num_heads: int,
+    feature_dim: int | None = None,
+    start: torch.Tensor | None = None,
+) -> RecurrentState:
+    """The state after a whole prompt, without stepping through it: what ``hybrid_attention_step``
+    would hold after the prompt's L columns. k (B, Hkv, L, D), v (B, Hkv, L, Dv), fk (B, H, L, F);
+    ``start`` (B,) is each row's first real token (left padding)."""
+    batch, num_kv_heads, length, value_dim = v.shape
+    feature_dim = fk.shape[-1] if fk is not None else (feature_dim or 1)
+    cache = RecurrentState.empty(
+        batch, num_heads, num_kv_heads, k.shape[-1] if k is not None else 1, value_dim, feature_dim, window,
+        dtype=k.dtype if k is not None else torch.float32, device=v.device,
+    )
+    starts = row_starts(start, batch, v.device)
+    columns = torch.arange(length, device=v.device)
+    real = columns[None, :] >= starts[:, None]  # (B, L)
+    ring = window.lookback + 1
+    if fk is not None:
+        folded = (real & (columns < length - ring)[None, :]).to(torch.float32)
+        folded_fk = _by_kv_group(fk.float() * folded[:, None, :, None], num_kv_heads)  # (B, Hkv, G, L, F)
+        cache.state = torch.einsum("bkglf,bkld->bkgfd", folded_fk, v.float()).flatten(1, 2)
+        cache.norm = folded_fk.sum(3).flatten(1, 2)
+    if ring > 0:
+        recent = columns[max(0, length - ring):]
+        slots = recent % ring
+        real_recent = real[:, recent]
+        cache.keys[:, :, slots] = k[:, :, recent]
+        cache.values[:, :, slots] = v[:, :, recent].to(cache.values.dtype)
+        if fk is not None:
+            cache.feature_keys[:, :, slots] = fk[:, :, recent].float() * real_recent[:, None, :, None]
+        cache.slot_positions[:, slots] = torch.where(real_recent, recent[None, :] - starts[:, None], -1)
+    cache.lengths = (length - starts).clamp(min=0)
+    cache.columns = length
+    return cache
 
 
 @torch.no_grad()
@@ -68,68 +130,63 @@ def hybrid_attention_step(
     v: torch.Tensor,
     fq: torch.Tensor | None,
     fk: torch.Tensor | None,
-    position: torch.Tensor,
+    real: torch.Tensor | None = None,
     *,
     window: Window,
     scaling: float = 1.0,
     gamma: torch.Tensor | None = None,
     use_linear: bool = True,
 ) -> torch.Tensor:
-    """Attend one token per row and update ``cache`` in place.
+    """Attend one new column and update ``cache`` in place.
 
-    q (B, H, D), k (B, Hkv, D), v (B, Hkv, Dv), fq/fk (B, H, F); ``position`` (B,) is the token's
-    position counted from its row's first real token (negative for padding: no update, zero output).
+    q (B, H, D), k (B, Hkv, D), v (B, Hkv, Dv), fq/fk (B, H, F); ``real`` (B,) bool marks rows whose
+    token is real (None: all are); a padding token is no key and its output is zero.
     """
-    batch, num_kv_heads, value_dim = v.shape
+    num_kv_heads = v.shape[1]
     num_heads = cache.state.shape[1]
-    rows = torch.arange(batch, device=v.device)
-    real = position >= 0
-    real_col = real[:, None]
+    position = cache.lengths
+    real_weight = None if real is None else real.to(torch.float32)[:, None, None]
 
+    def only_real(x: torch.Tensor) -> torch.Tensor:
+        return x if real_weight is None else x * real_weight
+
+    if use_linear:
+        fq, fk = fq.float(), only_real(fk.float())
     if window.kind == "none":
-        cache.state += (fk.float() * real_col[..., None]).unsqueeze(-1) * _expand(v.float(), num_heads).unsqueeze(-2)
-        cache.norm += fk.float() * real_col[..., None]
-        num = (fq.float().unsqueeze(-2) @ cache.state).squeeze(-2)
-        return normalise(num, (fq.float() * cache.norm).sum(-1)).to(v.dtype)
+        cache.state += fk.unsqueeze(-1) * _expand(v.float(), num_heads).unsqueeze(-2)
+        cache.norm += fk
+        num = (fq.unsqueeze(-2) @ cache.state).squeeze(-2)
+        out = normalise(num, (fq * cache.norm).sum(-1))
+    else:
+        ring = cache.slot_positions.shape[1]
+        slot = cache.columns % ring
+        if use_linear:
+            # The slot about to be overwritten holds the key from `ring` columns back: out of every window.
+            leaving_fk = cache.feature_keys[:, :, slot]  # zero if the slot is empty
+            cache.state += leaving_fk.unsqueeze(-1) * _expand(cache.values[:, :, slot].float(), num_heads).unsqueeze(-2)
+            cache.norm += leaving_fk
+            cache.feature_keys[:, :, slot] = fk
+        cache.keys[:, :, slot] = k
+        cache.values[:, :, slot] = v
+        cache.slot_positions[:, slot] = position if real is None else torch.where(real, position, -1)
 
-    ring = cache.slot_positions.shape[1]
-    slot = position.clamp(min=0) % ring
-    if use_linear:
-        # The slot about to be overwritten holds the key from `ring` tokens back: out of every window.
-        leaving = real & (cache.slot_positions[rows, slot] >= 0)
-        leaving_fk = cache.feature_keys[rows, :, slot] * leaving[:, None, None]  # (B, H, F)
-        leaving_v = _expand(cache.values[rows, :, slot].float(), num_heads)  # (B, H, Dv)
-        cache.state += leaving_fk.unsqueeze(-1) * leaving_v.unsqueeze(-2)
-        cache.norm += leaving_fk
-        cache.feature_keys[rows, :, slot] = torch.where(real_col[..., None], fk.float(), cache.feature_keys[rows, :, slot])
-    cache.keys[rows, :, slot] = torch.where(real_col[..., None], k.to(cache.keys.dtype), cache.keys[rows, :, slot])
-    cache.values[rows, :, slot] = torch.where(real_col[..., None], v.to(cache.values.dtype), cache.values[rows, :, slot])
-    cache.slot_positions[rows, slot] = torch.where(real, position, cache.slot_positions[rows, slot])
-
-    pos_q = position[:, None]
-    pos_k = cache.slot_positions
-    held = real_col & (pos_k >= 0)
-    in_window = (held & window.contains(pos_q, pos_k))[:, None, :]  # (B, 1, R)
-
-    grouped_q = _by_kv_group(q.float(), num_kv_heads)  # (B, Hkv, G, D)
-    scores = (grouped_q @ cache.keys.float().transpose(-1, -2)).flatten(1, 2) * scaling  # (B, H, R)
-    weights = gamma_per_head(gamma, num_heads, v.device).view(1, num_heads, 1) * softmax_terms(scores, in_window)
-    if use_linear:
-        in_ring_linear = (held[:, None, :] & ~in_window)
-        linear = (cache.feature_keys @ fq.float().unsqueeze(-1)).squeeze(-1)  # (B, H, R)
-        weights = weights + linear.masked_fill(~in_ring_linear, 0.0)
-    num = (_by_kv_group(weights, num_kv_heads) @ cache.values.float()).flatten(1, 2)  # (B, H, Dv)
-    den = weights.sum(-1)
-    if use_linear:
-        num = num + (fq.float().unsqueeze(-2) @ cache.state).squeeze(-2)
-        den = den + (fq.float() * cache.norm).sum(-1)
-    return normalise(num, den).to(v.dtype)
-
-
-def _expand(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, Hkv, X) -> (B, H, X)."""
-    groups = num_heads // x.shape[1]
-    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+        held = cache.slot_positions >= 0
+        in_window = (held & window.contains(position[:, None], cache.slot_positions))[:, None, :]  # (B, 1, R)
+        grouped_q = _by_kv_group(q.float(), num_kv_heads)  # (B, Hkv, G, D)
+        scores = (grouped_q @ cache.keys.float().transpose(-1, -2)).flatten(1, 2) * scaling  # (B, H, R)
+        weights = gamma_per_head(gamma, num_heads, v.device).view(1, num_heads, 1) * softmax_terms(scores, in_window)
+        if use_linear:
+            linear = (cache.feature_keys @ fq.unsqueeze(-1)).squeeze(-1)  # (B, H, R), zero in empty slots
+            weights = weights + linear.masked_fill(in_window, 0.0)
+        num = (_by_kv_group(weights, num_kv_heads) @ cache.values.float()).flatten(1, 2)  # (B, H, Dv)
+        den = weights.sum(-1)
+        if use_linear:
+            num = num + (fq.unsqueeze(-2) @ cache.state).squeeze(-2)
+            den = den + (fq * cache.norm).sum(-1)
+        out = normalise(num, den)
+    cache.columns += 1
+    cache.lengths = position + (1 if real is None else real.long())
+    return only_real(out).to(v.dtype)
 
 
 def hybrid_attention_recurrent(
@@ -145,7 +202,7 @@ def hybrid_attention_recurrent(
     use_linear: bool = True,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Whole sequences through ``hybrid_attention_step``, token by token (the decode path)."""
+    """Whole sequences through ``hybrid_attention_step``, token by token."""
     check_inputs(q, k, v, fq, fk, window, use_linear)
     batch, num_kv_heads, length, value_dim = v.shape
     num_heads = (q if q is not None else fq).shape[1]
@@ -161,23 +218,17 @@ def hybrid_attention_recurrent(
         device=v.device,
     )
     starts = row_starts(start, batch, v.device)
-    outputs = []
-    for t in range(length):
-        outputs.append(
-            hybrid_attention_step(
-                cache,
-                q[:, :, t] if q is not None else None,
-                k[:, :, t] if k is not None else None,
-                v[:, :, t],
-                fq[:, :, t] if fq is not None else None,
-                fk[:, :, t] if fk is not None else None,
-                t - starts,
-                window=window,
-                scaling=scaling,
-                gamma=gamma,
-                use_linear=use_linear,
-            )
+
+    def column(x: torch.Tensor | None, t: int) -> torch.Tensor | None:
+        return x[:, :, t] if x is not None else None
+
+    outputs = [
+        hybrid_attention_step(
+            cache, column(q, t), column(k, t), v[:, :, t], column(fq, t), column(fk, t), t >= starts,
+            window=window, scaling=scaling, gamma=gamma, use_linear=use_linear,
         )
+        for t in range(length)
+    ]
     return torch.stack(outputs, dim=2)
 
 
