@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from lolcats.ops import (
     RecurrentState,
     Window,
+    expand_heads,
     hybrid_attention_chunked,
     hybrid_attention_recurrent,
     hybrid_attention_reference,
@@ -42,6 +43,16 @@ def make_inputs(batch, heads, kv_heads, length, head_dim, feature_dim, seed=0, d
     fk = torch.softmax(randn(batch, heads, length, feature_dim), dim=-1)
     gamma = torch.rand(heads, generator=generator) * 0.9 + 0.05
     return q, k, v, fq, fk, gamma
+
+
+def feature_function(heads, head_dim, feature_dim, seed=0):
+    """φ as a function of q or k (per query head), for decode steps that compute φ of keys leaving the window."""
+    weight = torch.randn(head_dim, feature_dim, generator=torch.Generator().manual_seed(seed))
+
+    def phi(x):
+        return torch.softmax(expand_heads(x, heads).float() @ weight, dim=-1)
+
+    return phi
 
 
 def real_rows(out: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -177,10 +188,13 @@ def test_bf16_inputs_accumulate_in_fp32():
     exact = hybrid_attention_reference(*(x.float() for x in (q, k, v, fq, fk)), **kwargs)
     assert max_relative_error(out.float(), exact) <= 2**-7
 
+    phi = feature_function(4, 16, 16)
+    fq, fk = phi(q).to(torch.bfloat16), phi(k).to(torch.bfloat16)
+    exact = hybrid_attention_reference(*(x.float() for x in (q, k, v, fq, fk)), **kwargs)
     cache = RecurrentState.empty(1, 4, 4, 16, 16, 16, Window("terrace", 32), dtype=torch.bfloat16)
     assert cache.state.dtype == torch.float32 and cache.norm.dtype == torch.float32
     for t in range(300):
-        step = hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], **kwargs)
+        step = hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], key_features=phi, **kwargs)
     assert max_relative_error(step.float(), exact[:, :, -1]) <= 2**-7
 
 
@@ -188,9 +202,11 @@ def test_recurrent_state_size_is_constant():
     window = Window("terrace", 64)
     cache = RecurrentState.empty(1, 8, 2, 64, 64, 128, window)
     before = cache.nbytes()
-    q, k, v, fq, fk, gamma = make_inputs(1, 8, 2, 300, 64, 128, seed=9)
+    q, k, v, _, _, gamma = make_inputs(1, 8, 2, 300, 64, 128, seed=9)
+    phi = feature_function(8, 64, 128)
     for t in range(300):
-        hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], window=window, gamma=gamma)
+        hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], phi(q[:, :, t]), window=window, gamma=gamma,
+                              key_features=phi)
     assert cache.nbytes() == before
     assert cache.keys.shape[2] == 2 * 64
 
@@ -236,13 +252,16 @@ def test_memory_of_chunked_path_has_no_quadratic_tensor():
 @pytest.mark.parametrize("prompt", [1, 7, 8, 9, 16, 23, 40])
 def test_state_from_prefix_continues_like_stepping(window, prompt):
     """Prefill (state built from the whole prompt at once) then decode equals decoding from scratch."""
-    q, k, v, fq, fk, gamma = make_inputs(2, 4, 2, 50, 8, 6, seed=prompt)
+    q, k, v, _, _, gamma = make_inputs(2, 4, 2, 50, 8, 6, seed=prompt)
+    phi = feature_function(4, 8, 6, seed=prompt)
+    fq, fk = phi(q), phi(k)
     start = torch.tensor([0, min(3, prompt - 1)])
     kwargs = dict(window=window, scaling=0.3, gamma=gamma)
-    expected = hybrid_attention_recurrent(q, k, v, fq, fk, start=start, **kwargs)
+    expected = hybrid_attention_reference(q, k, v, fq, fk, start=start, **kwargs)
     cache = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
                                         num_heads=4, start=start)
     assert cache.columns == prompt and cache.lengths.tolist() == [prompt, prompt - int(start[1])]
-    steps = [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], **kwargs)
+    steps = [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t],
+                                   key_features=phi, **kwargs)
              for t in range(prompt, 50)]
     assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL

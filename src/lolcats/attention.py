@@ -260,6 +260,9 @@ class LinearizedAttention(nn.Module):
             )
         return layer
 
+    def _key_features(self, keys: torch.Tensor) -> torch.Tensor:
+        return self.feature_map_k(expand_heads(keys, self.num_heads))
+
     def _prefill(self, layer_cache: RecurrentLayer, k, v, fk, start) -> None:
         if self._context.right_padded():
             raise ValueError("prompts for generation must be padded on the left (tokenizer.padding_side = 'left')")
@@ -275,7 +278,9 @@ class LinearizedAttention(nn.Module):
             raise ValueError(f"decoding with a cache needs linear mode, not {self.mode!r}")
         state = layer_cache.state
         real = self._context.new_token_mask(q.shape[2])
-        fq, fk = self.features(q, k)
+        fq = self.feature_map_q(q) if self.use_linear else None
+        # With a window, φ(k) is only needed as keys leave it; without one, every key is folded at once.
+        fk = self.feature_map_k(expand_heads(k, self.num_heads)) if self.window.kind == "none" else None
         outputs = []
         for t in range(q.shape[2]):
             real_t = None if real is None else real[:, t]
@@ -285,6 +290,7 @@ class LinearizedAttention(nn.Module):
                 state, q[:, :, t], k[:, :, t], v[:, :, t],
                 None if fq is None else fq[:, :, t], None if fk is None else fk[:, :, t], real_t,
                 window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
+                key_features=self._key_features if self.use_linear else None,
             ))
         return torch.stack(outputs, dim=2)
 
