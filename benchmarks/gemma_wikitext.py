@@ -1,6 +1,8 @@
 """Gemma-3-270M on wikitext-2 (shared/data protocol: first 16,384 tokens, 512-token windows, BOS + window):
-teacher, the trained default run (lolcats-out/), and the untrained softmax-window ablation.
-Usage: PYTHONPATH=src python benchmarks/gemma_wikitext.py [RUN_DIR]"""
+the teacher, the untrained softmax-window ablation and any number of trained runs, same recipe and budget.
+Usage: PYTHONPATH=src python benchmarks/gemma_wikitext.py LABEL=RUN_DIR [LABEL=RUN_DIR ...]
+e.g.   lolcats=runs/gemma-default "LoRA only=runs/gemma-lora-only" "linear (no window)=runs/gemma-linear"
+"""
 
 import json
 import sys
@@ -12,7 +14,7 @@ import lolcats
 from lolcats.evaluate import perplexity
 
 torch.set_num_threads(2)
-run_dir = sys.argv[1] if len(sys.argv) > 1 else "lolcats-out"
+runs = dict(arg.split("=", 1) for arg in sys.argv[1:]) or {"lolcats": "lolcats-out"}
 text = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid_tok.txt"
 tokenizer = lolcats.load_tokenizer("gemma3-270m")
 kwargs = dict(seq_len=512, protocol="bos-window", max_tokens=16384, batch_size=2)
@@ -21,9 +23,15 @@ teacher = lolcats.load_base_model("gemma3-270m")
 rows["teacher"] = perplexity(teacher, tokenizer, text, **kwargs).ppl
 rows["window (untrained, no linear term)"] = perplexity(lolcats.convert(teacher, attention="window"), tokenizer, text, **kwargs).ppl
 del teacher
-rows[f"lolcats ({run_dir})"] = perplexity(lolcats.load(run_dir), tokenizer, text, **kwargs).ppl
-lines = ["| model | wikitext-2 ppl | ratio |", "|---|---|---|"]
-lines += [f"| {name} | {ppl:.2f} | ×{ppl / rows['teacher']:.3f} |" for name, ppl in rows.items()]
+budgets = {}
+for label, run_dir in runs.items():
+    manifest = json.loads((Path(run_dir) / "lolcats.json").read_text())
+    budgets[label] = {stage: manifest["stages"].get(stage, {}).get("tokens", 0) for stage in ("stage1", "stage2")}
+    rows[label] = perplexity(lolcats.load(run_dir), tokenizer, text, **kwargs).ppl
+lines = ["| model | stage-1 tokens | stage-2 tokens | wikitext-2 ppl | ratio |", "|---|---|---|---|---|"]
+for name, ppl in rows.items():
+    budget = budgets.get(name, {"stage1": 0, "stage2": 0})
+    lines.append(f"| {name} | {budget['stage1']:,} | {budget['stage2']:,} | {ppl:.2f} | ×{ppl / rows['teacher']:.3f} |")
 Path("benchmarks/results/gemma3-270m-wikitext2.md").write_text("\n".join(lines) + "\n")
-Path("benchmarks/results/gemma3-270m-wikitext2.json").write_text(json.dumps(rows, indent=2))
+Path("benchmarks/results/gemma3-270m-wikitext2.json").write_text(json.dumps({"ppl": rows, "budgets": budgets}, indent=2))
 print("\n".join(lines))
