@@ -20,5 +20,5 @@ AutoTokenizer.from_pretrained(Path(sys.argv[1]) / "models" / "stories260k").save
 PY
 "$lolcats" linearize --model runs/reference-model --data "$shared/data/stories260k_samples.txt" \
   --out runs/reference-linearized --seq-len 512 --stage1-tokens 16384 --stage2-tokens 0 --quiet
-"$lolcats" bench decode --model runs/reference-linearized --contexts "$contexts" --threads 2 \
+"$lolcats" bench decode --model runs/reference-linearized --contexts "$contexts" --threads 2 --new-tokens 32 \
   --json benchmarks/results/decode-reference.json --plot benchmarks/results/decode-reference.png

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import statistics
 import time
 from pathlib import Path
 
@@ -11,7 +14,16 @@ from .cache import cache_nbytes
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux); False where that is not possible."""
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where that is not possible.
+
+    Memory freed by earlier measurements is first handed back to the kernel (glibc's malloc_trim), so a
+    peak is not inflated by what an earlier, larger measurement left in the allocator.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -28,35 +40,52 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-@torch.no_grad()
-def measure_decode(model, context: int, *, new_tokens: int = 16, warmup: int = 2, seed: int = 0) -> dict:
-    """Prefill ``context`` random tokens, then greedily decode ``new_tokens`` one at a time.
-
-    ms_per_token is the mean over the decode steps after ``warmup``; cache_bytes is the cache after them.
-    """
+def _prompt(model, context: int, seed: int = 0) -> torch.Tensor:
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(seed))
-    device = next(model.parameters()).device
-    ids = ids.to(device)
+    return ids.to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def _prefill(model, context: int):
+    out = model(_prompt(model, context), use_cache=True, logits_to_keep=1)
+    return out.cache, out.logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def measure_prefill(model, context: int) -> dict:
+    """Prefill ``context`` random tokens alone: wall time and the process's peak RSS during it."""
     reset = _reset_peak_rss()
     started = time.perf_counter()
-    out = model(ids, use_cache=True, logits_to_keep=1)
+    cache, _ = _prefill(model, context)
     prefill_s = time.perf_counter() - started
-    cache = out.cache
-    token = out.logits[:, -1:].argmax(-1)
-    timings = []
-    for step in range(warmup + new_tokens):
-        started = time.perf_counter()
-        out = model(token, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        if step >= warmup:
-            timings.append(time.perf_counter() - started)
-        cache = out.cache
+    return {"prefill_s": prefill_s, "peak_rss_bytes": _peak_rss_bytes() if reset else None,
+            "prefill_cache_bytes": cache_nbytes(cache)}
+
+
+@torch.no_grad()
+def measure_decode_steps(model, contexts: list[int], *, new_tokens: int = 16, warmup: int = 2) -> dict:
+    """ms per greedy token after prefilling to each context, and the cache bytes after decoding.
+
+    All contexts are prefilled first; then every round decodes one token at each context in turn, so slow
+    drift of a shared machine (frequency, neighbours, allocator state) hits every context alike. The
+    reported figure is the median over ``new_tokens`` rounds after ``warmup``.
+    """
+    states = [list(_prefill(model, context)) for context in contexts]
+    timings: list[list[float]] = [[] for _ in contexts]
+    for round_index in range(warmup + new_tokens):
+        for state, samples in zip(states, timings):
+            cache, token = state
+            started = time.perf_counter()
+            out = model(token, cache=cache, use_cache=True)
+            state[1] = out.logits[:, -1:].argmax(-1)
+            elapsed = time.perf_counter() - started
+            state[0] = out.cache
+            if round_index >= warmup:
+                samples.append(elapsed)
     return {
-        "prefill_s": prefill_s,
-        "ms_per_token": 1000 * sum(timings) / len(timings),
-        "cache_bytes": cache_nbytes(cache),
-        "peak_rss_bytes": _peak_rss_bytes() if reset else None,
+        "ms_per_token": [1000 * statistics.median(samples) for samples in timings],
+        "cache_bytes": [cache_nbytes(cache) for cache, _ in states],
     }
 
 
@@ -64,14 +93,16 @@ def bench_decode(models: dict, contexts: list[int], *, new_tokens: int = 16, ech
     """``models``: name -> model (e.g. linearized, teacher). Result in the `lolcats bench decode` JSON layout."""
     result: dict = {"contexts": list(contexts), "new_tokens": new_tokens, "threads": torch.get_num_threads()}
     for name, model in models.items():
-        rows = []
+        prefills = []
         for context in contexts:
-            row = measure_decode(model, context, new_tokens=new_tokens)
-            rows.append(row)
+            row = measure_prefill(model, context)
+            prefills.append(row)
             rss = f"{row['peak_rss_bytes'] / 2**20:.0f} MiB" if row["peak_rss_bytes"] else "n/a"
-            echo(f"{name:>10}  context {context:>6}: prefill {row['prefill_s']:7.2f} s, "
-                 f"{row['ms_per_token']:7.2f} ms/token, cache {row['cache_bytes'] / 2**20:8.2f} MiB, peak RSS {rss}")
-        result[name] = {key: [row[key] for row in rows] for key in rows[0]}
+            echo(f"{name:>10}  prefill {context:>6} tokens: {row['prefill_s']:7.2f} s, peak RSS {rss}")
+        decode = measure_decode_steps(model, contexts, new_tokens=new_tokens)
+        for context, ms, cache_bytes in zip(contexts, decode["ms_per_token"], decode["cache_bytes"]):
+            echo(f"{name:>10}  decode after {context:>6}: {ms:7.2f} ms/token, cache {cache_bytes / 2**20:8.2f} MiB")
+        result[name] = {**decode, **{key: [row[key] for row in prefills] for key in prefills[0]}}
     return result
 
 
