@@ -31,9 +31,17 @@ class ArtifactError(ValueError):
     """A saved artifact that cannot be used as asked (wrong base model, damaged or incomplete files)."""
 
 
+def _shareable(tmp: str) -> None:
+    """mkstemp creates files readable by their owner only; artifacts get the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _shareable(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -53,6 +61,7 @@ def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    _shareable(tmp)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
         os.replace(tmp, path)

@@ -11,7 +11,8 @@ from .models import DEFAULT_MODEL
 
 app = typer.Typer(
     help="Linearize pretrained causal LMs (LoLCATs): `linearize` (attention transfer + LoRA), `generate` "
-    "(constant-memory decoding), `bench decode` (latency and cache size against context), `convert` (conversion check).",
+    "(constant-memory decoding), `eval` / `lm-eval` / `report` (quality against the teacher), `bench decode` "
+    "(latency and cache size against context), `convert` (conversion check).",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -182,6 +183,70 @@ def bench_decode(
     if plot:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_decode(result, plot)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., help="A linearized output folder or a base model (folder, hub id, .gguf, 'gemma3-270m')."),
+    text: Optional[list[Path]] = typer.Option(None, help="Text file for perplexity (BOS + whole file, sliding windows); repeatable."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (file stems in --task-dir); default: all there."),
+    task_dir: Optional[Path] = typer.Option(None, help="Folder of task .jsonl files (default ../shared/data/eval when present)."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N items of each task (same items for every model)."),
+    num_fewshot: int = typer.Option(0, help="Few-shot examples per item, drawn from the same file with a fixed seed."),
+    seq_len: int = typer.Option(1024, help="Window for perplexity and the longest scored sequence for tasks."),
+    stride: Optional[int] = typer.Option(None, help="New tokens predicted per perplexity window (default: --seq-len minus 1; smaller gives more context)."),
+    batch_size: int = typer.Option(8, help="Sequences per forward."),
+    fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="For linearized models with --text: per-layer attention error and KL to the teacher."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+) -> None:
+    """Perplexity, zero/few-shot tasks from local jsonl files and fidelity to the teacher."""
+    import json
+
+    from .evaluate.runner import evaluate_model, format_table
+
+    try:
+        result = evaluate_model(
+            model, texts=list(text or []), tasks=[t for t in tasks.split(",") if t] if tasks else None,
+            task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, seq_len=seq_len, stride=stride,
+            batch_size=batch_size, with_fidelity=fidelity, echo=typer.echo,
+        )
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        _fail(err)
+    typer.echo("")
+    typer.echo(format_table(result))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_command(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="A linearized output folder or a base model."),
+) -> None:
+    """Run lm-evaluation-harness's own CLI on MODEL; every other argument goes to lm-eval (--tasks, --limit, ...)."""
+    try:
+        from .evaluate.lm_eval_model import run_harness_cli
+    except ImportError:
+        _fail(ValueError("lm-eval is not installed: pip install 'lolcats[eval]'"))
+    try:
+        run_harness_cli(model, list(ctx.args))
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+
+
+@app.command()
+def report(
+    directory: Path = typer.Argument(..., help="A linearized output folder."),
+    out: Optional[Path] = typer.Option(None, help="HTML file to write (default DIR/report.html)."),
+) -> None:
+    """One HTML page: manifest, training curves, per-layer fidelity, perplexity/task table, decode plot."""
+    from .evaluate.report import build_report
+
+    try:
+        typer.echo(str(build_report(directory, out)))
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""`lolcats eval`: perplexity on text files, local tasks and (for linearized models) fidelity to the teacher."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .scoring import encode, rolling_loglikelihood
+from .tasks import evaluate_task, load_task, task_files
+
+DEFAULT_TASK_DIR = Path("../shared/data/eval")
+
+
+def text_perplexity(model, tokenizer, path: str | Path, *, seq_len: int, stride: int | None = None,
+                    batch_size: int = 4) -> dict:
+    """Token-level perplexity of a whole file: BOS + its tokens (no other special tokens), sliding windows."""
+    ids = encode(tokenizer, Path(path).read_text(encoding="utf-8"))
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if len(ids) < 2:
+        raise ValueError(f"{path}: too little text to score")
+    total, count = rolling_loglikelihood(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size)
+    return {"ppl": math.exp(-total / count), "tokens": count}
+
+
+def evaluate_model(
+    spec: str,
+    *,
+    texts: list[str | Path] = (),
+    tasks: list[str] | None = None,
+    task_dir: str | Path | None = None,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    seq_len: int = 1024,
+    stride: int | None = None,
+    batch_size: int = 8,
+    with_fidelity: bool = True,
+    fidelity_tokens: int = 4096,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    from ..generation import base_model_spec, is_linearized_folder, load_model, tokenizer_for
+
+    linearized = is_linearized_folder(spec)
+    task_dir = Path(task_dir) if task_dir else (DEFAULT_TASK_DIR if DEFAULT_TASK_DIR.is_dir() else None)
+    if tasks and task_dir is None:
+        raise FileNotFoundError(f"--tasks needs --task-dir (the default {DEFAULT_TASK_DIR} does not exist here)")
+    files = task_files(task_dir, tasks) if task_dir else []
+    loaded_tasks = [load_task(path) for path in files]  # malformed files fail before any model loads
+    tokenizer = tokenizer_for(spec)
+    model = load_model(spec)
+    result: dict = {
+        "model": spec, "kind": "linearized" if linearized else "teacher", "perplexity": {}, "tasks": {},
+        "settings": {"seq_len": seq_len, "stride": stride or seq_len - 1, "limit": limit, "num_fewshot": num_fewshot,
+                     "batch_size": batch_size},
+    }
+    for path in texts:
+        scored = text_perplexity(model, tokenizer, path, seq_len=seq_len, stride=stride, batch_size=max(1, batch_size // 2))
+        result["perplexity"][Path(path).name] = scored["ppl"]
+        echo(f"perplexity {Path(path).name}: {scored['ppl']:.4f} ({scored['tokens']:,} tokens)")
+    for task in loaded_tasks:
+        started = time.perf_counter()
+        scores = evaluate_task(model, tokenizer, task, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                               max_length=seq_len)
+        seconds = time.perf_counter() - started
+        scores["choices_per_minute"] = 60 * scores["choices"] / seconds
+        result["tasks"][task.name] = scores
+        norm = f", acc_norm {scores['acc_norm']:.4f}" if scores["acc_norm"] is not None else ""
+        echo(f"{task.name}: acc {scores['acc']:.4f}{norm} (n={scores['n']}, {scores['choices_per_minute']:.0f} choices/min)")
+    if linearized and with_fidelity and texts:
+        from ..models import load_base_model
+        from .fidelity import fidelity, text_windows
+
+        teacher = load_base_model(base_model_spec(spec))
+        windows = text_windows(tokenizer, Path(texts[0]).read_text(encoding="utf-8"), seq_len=min(seq_len, 512),
+                               max_tokens=fidelity_tokens)
+        result["fidelity"] = {"text": Path(texts[0]).name, **fidelity(model, teacher, windows)}
+        echo(f"fidelity on {Path(texts[0]).name}: KL(teacher ‖ linearized) {result['fidelity']['kl']:.4f} nats/token")
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"model: {result['model']} ({result['kind']})", "", f"{'metric':<32} {'value':>10}"]
+    for name, ppl in result["perplexity"].items():
+        lines.append(f"{'ppl ' + name:<32} {ppl:>10.4f}")
+    for name, scores in result["tasks"].items():
+        lines.append(f"{name + ' acc':<32} {scores['acc']:>10.4f}")
+        if scores.get("acc_norm") is not None:
+            lines.append(f"{name + ' acc_norm':<32} {scores['acc_norm']:>10.4f}")
+        if "perplexity" in scores:
+            lines.append(f"{name + ' perplexity':<32} {scores['perplexity']:>10.4f}")
+    if "fidelity" in result:
+        lines.append(f"{'KL(teacher ‖ linearized)':<32} {result['fidelity']['kl']:>10.4f}")
+        for row in result["fidelity"]["layers"]:
+            lines.append(f"{'attention MSE layer ' + str(row['layer']):<32} {row['attention_mse']:>10.5f}")
+    return "\n".join(lines)

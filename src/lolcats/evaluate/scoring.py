@@ -1,0 +1,129 @@
+"""Log-likelihood of continuations given contexts, batched: the one primitive every task is scored with.
+
+Tokenisation follows lm-evaluation-harness: trailing whitespace of the context moves to the
+continuation, the pair is encoded whole and the context's tokens are cut off the front, so a
+continuation's tokens are exactly those it gets inside the full text. Every context starts with BOS
+when the tokenizer has one (all models lolcats supports are trained with it); a context too long for
+``max_length`` loses tokens on the left. Batches are left-padded with position ids counted from each
+row's first real token, and only the continuation positions go through the LM head, so batched scores
+equal one-at-a-time scores up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Score:
+    loglikelihood: float  # sum over the continuation's tokens
+    is_greedy: bool  # every continuation token is the argmax given its prefix
+    tokens: int  # continuation length in tokens
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    if not text:
+        return []
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = encode(tokenizer, context + continuation)
+    context_ids = encode(tokenizer, context)
+    continuation_ids = whole[len(context_ids):]
+    start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    if not start and not context_ids:
+        start = [tokenizer.eos_token_id]
+    return start + context_ids, continuation_ids
+
+
+def model_max_length(model, default: int = 2048) -> int:
+    config = model.config.get_text_config(decoder=True)
+    return min(getattr(config, "max_position_embeddings", None) or default, default)
+
+
+@torch.no_grad()
+def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int = 8,
+                      max_length: int | None = None) -> list[Score]:
+    """Scores of (context ids, continuation ids) pairs, in the order given."""
+    max_length = max_length or model_max_length(model)
+    device = next(model.parameters()).device
+    rows = []
+    for context, continuation in pairs:
+        if not continuation:
+            raise ValueError("cannot score an empty continuation")
+        ids = (context + continuation)[-(max_length + 1):]
+        rows.append((ids[:-1], continuation))
+    # Longest first, so each batch pads little and the first batch shows the peak memory.
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    scores: list[Score | None] = [None] * len(rows)
+    for begin in range(0, len(order), batch_size):
+        batch = [rows[i] for i in order[begin:begin + batch_size]]
+        width = max(len(inputs) for inputs, _ in batch)
+        keep = max(len(continuation) for _, continuation in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (inputs, _) in enumerate(batch):
+            input_ids[row, width - len(inputs):] = torch.tensor(inputs)
+            attention_mask[row, width - len(inputs):] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=position_ids.to(device), use_cache=False, logits_to_keep=keep).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, keep, V): only the last `keep` positions
+        for row, (_, continuation) in enumerate(batch):
+            target = torch.tensor(continuation, device=device)
+            row_log_probs = log_probs[row, keep - len(continuation):]
+            picked = row_log_probs.gather(-1, target[:, None]).squeeze(-1)
+            scores[order[begin + row]] = Score(
+                loglikelihood=float(picked.sum()),
+                is_greedy=bool((row_log_probs.argmax(-1) == target).all()),
+                tokens=len(continuation),
+            )
+    return scores
+
+
+def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int = 8,
+                max_length: int | None = None) -> list[Score]:
+    """Scores of (context, continuation) strings."""
+    return score_token_pairs(model, [encode_pair(tokenizer, c, x) for c, x in pairs], batch_size=batch_size,
+                             max_length=max_length)
+
+
+@torch.no_grad()
+def rolling_loglikelihood(model, token_ids: list[int], *, seq_len: int, stride: int | None = None,
+                          batch_size: int = 4) -> tuple[float, int]:
+    """(total log-likelihood, predicted tokens) of a token stream scored by sliding windows.
+
+    Each window predicts ``stride`` new tokens (default ``seq_len`` − 1: windows overlap by the one token
+    that gives the first prediction its context, as lm-eval's rolling windows do) with up to ``seq_len``
+    tokens in all, so every token after the first is predicted exactly once and a smaller stride gives
+    each prediction more context. The first token (BOS, when the caller puts one there) is context only.
+    """
+    stride = stride or seq_len - 1
+    if not 0 < stride < seq_len:
+        raise ValueError(f"stride must be in 1..seq_len-1 ({seq_len - 1}), got {stride}")
+    windows = []  # (begin, end, first predicted index)
+    predicted_until = 1
+    while predicted_until < len(token_ids):
+        end = min(predicted_until + stride, len(token_ids))
+        windows.append((max(0, end - seq_len), end, predicted_until))
+        predicted_until = end
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for first in range(0, len(windows), batch_size):
+        group = windows[first:first + batch_size]
+        for length in sorted({end - begin for begin, end, _ in group}):
+            same = [w for w in group if w[1] - w[0] == length]
+            ids = torch.tensor([token_ids[begin:end] for begin, end, _ in same], device=device)
+            log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+            for row, (begin, end, predict_from) in enumerate(same):
+                targets = ids[row, predict_from - begin:]
+                picked = log_probs[row, predict_from - begin - 1:-1].gather(-1, targets[:, None])
+                total += float(picked.sum())
+                count += targets.numel()
+    return total, count
