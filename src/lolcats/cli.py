@@ -195,6 +195,7 @@ def evaluate(
     num_fewshot: int = typer.Option(0, help="Few-shot examples per item, drawn from the same file with a fixed seed."),
     seq_len: int = typer.Option(1024, help="Window for perplexity and the longest scored sequence for tasks."),
     stride: Optional[int] = typer.Option(None, help="New tokens predicted per perplexity window (default: --seq-len minus 1; smaller gives more context)."),
+    max_text_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of each --text file."),
     batch_size: int = typer.Option(8, help="Sequences per forward."),
     fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="For linearized models with --text: per-layer attention error and KL to the teacher."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
@@ -208,7 +209,7 @@ def evaluate(
         result = evaluate_model(
             model, texts=list(text or []), tasks=[t for t in tasks.split(",") if t] if tasks else None,
             task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, seq_len=seq_len, stride=stride,
-            batch_size=batch_size, with_fidelity=fidelity, echo=typer.echo,
+            max_text_tokens=max_text_tokens, batch_size=batch_size, with_fidelity=fidelity, echo=typer.echo,
         )
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         _fail(err)

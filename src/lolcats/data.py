@@ -9,7 +9,6 @@ everything that is shuffled is shuffled by a seeded ``torch.Generator`` so a res
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .jsonl import jsonl_objects
 
 IGNORE_INDEX = -100
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -81,15 +82,7 @@ def read_documents(path: str | Path) -> list[Document]:
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read as UTF-8 text: {error}") from None
     if path.suffix.lower() == ".jsonl":
-        documents = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {error.msg}") from None
-            documents.append(_document_from_json(obj, f"{path}:{lineno}"))
+        documents = [_document_from_json(obj, where) for where, obj in jsonl_objects(path, DataError)]
     else:
         documents = [Document(text=part.strip()) for part in re.split(r"\n\s*\n", text) if part.strip()]
     if not documents:

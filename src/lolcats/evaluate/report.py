@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..checkpoint import atomic_write_bytes, read_manifest
+from ..jsonl import jsonl_objects
 
 REPORT = "report.html"
 
@@ -46,22 +47,7 @@ def _read_json(path: Path) -> dict:
 
 def _read_jsonl(path: Path) -> list[dict]:
     """The records of a training log; a bad line is a ValueError naming file and line."""
-    records = []
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+    return [record for _, record in jsonl_objects(path)]
 
 
 def _stage_logs(directory: Path, manifest: Mapping) -> dict[str, list[dict]]:

@@ -14,9 +14,10 @@ DEFAULT_TASK_DIR = Path("../shared/data/eval")
 
 
 def text_perplexity(model, tokenizer, path: str | Path, *, seq_len: int, stride: int | None = None,
-                    batch_size: int = 4) -> dict:
-    """Token-level perplexity of a whole file: BOS + its tokens (no other special tokens), sliding windows."""
-    ids = encode(tokenizer, Path(path).read_text(encoding="utf-8"))
+                    batch_size: int = 4, max_tokens: int | None = None) -> dict:
+    """Token-level perplexity of a file: BOS + its (first ``max_tokens``) tokens, no other special tokens,
+    scored by sliding windows."""
+    ids = encode(tokenizer, Path(path).read_text(encoding="utf-8"))[:max_tokens]
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id] + ids
     if len(ids) < 2:
@@ -35,6 +36,7 @@ def evaluate_model(
     num_fewshot: int = 0,
     seq_len: int = 1024,
     stride: int | None = None,
+    max_text_tokens: int | None = None,
     batch_size: int = 8,
     with_fidelity: bool = True,
     fidelity_tokens: int = 4096,
@@ -52,11 +54,12 @@ def evaluate_model(
     model = load_model(spec)
     result: dict = {
         "model": spec, "kind": "linearized" if linearized else "teacher", "perplexity": {}, "tasks": {},
-        "settings": {"seq_len": seq_len, "stride": stride or seq_len - 1, "limit": limit, "num_fewshot": num_fewshot,
-                     "batch_size": batch_size},
+        "settings": {"seq_len": seq_len, "stride": stride or seq_len - 1, "max_text_tokens": max_text_tokens,
+                     "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size},
     }
     for path in texts:
-        scored = text_perplexity(model, tokenizer, path, seq_len=seq_len, stride=stride, batch_size=max(1, batch_size // 2))
+        scored = text_perplexity(model, tokenizer, path, seq_len=seq_len, stride=stride,
+                                 batch_size=max(1, batch_size // 4), max_tokens=max_text_tokens)
         result["perplexity"][Path(path).name] = scored["ppl"]
         echo(f"perplexity {Path(path).name}: {scored['ppl']:.4f} ({scored['tokens']:,} tokens)")
     for task in loaded_tasks:

@@ -17,7 +17,6 @@ itself), drawn with a fixed seed, each written with its gold answer and separate
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..jsonl import jsonl_objects
 from .scoring import score_pairs
 
 TaskKind = Literal["multiple_choice", "schema", "language_modeling", "hellaswag"]
@@ -117,31 +117,21 @@ def load_task(path: str | Path) -> Task:
     """Read a task file; any line that cannot be read is a TaskFormatError naming file and line."""
     path = Path(path)
     task: Task | None = None
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            kind = _detect(record)
-            if kind is None:
-                raise TaskFormatError(
-                    f"{where}: unknown task format with fields {sorted(record)}; expected {{query, choices, gold}}, "
-                    "{context_options, continuation, gold}, {context, continuation} or {ctx, endings, label}"
-                )
-            if task is None:
-                task = Task(path.stem, kind)
-            elif kind != task.kind:
-                raise TaskFormatError(f"{where}: a {kind} line in a {task.kind} file")
-            try:
-                task.items.append(_item(kind, record))
-            except (KeyError, TypeError, ValueError) as err:
-                raise TaskFormatError(f"{where}: {err}") from None
+    for where, record in jsonl_objects(path, TaskFormatError):
+        kind = _detect(record)
+        if kind is None:
+            raise TaskFormatError(
+                f"{where}: unknown task format with fields {sorted(record)}; expected {{query, choices, gold}}, "
+                "{context_options, continuation, gold}, {context, continuation} or {ctx, endings, label}"
+            )
+        if task is None:
+            task = Task(path.stem, kind)
+        elif kind != task.kind:
+            raise TaskFormatError(f"{where}: a {kind} line in a {task.kind} file")
+        try:
+            task.items.append(_item(kind, record))
+        except (KeyError, TypeError, ValueError) as err:
+            raise TaskFormatError(f"{where}: {err}") from None
     if task is None:
         raise TaskFormatError(f"{path}: no examples")
     return task
