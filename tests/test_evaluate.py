@@ -64,7 +64,7 @@ def test_metrics_follow_lm_eval_definitions(stories):
         correct += values.index(max(values)) == item.gold
         normalised = [v / len(choice) for v, choice in zip(values, item.continuations)]  # characters of the choice
         correct_norm += normalised.index(max(normalised)) == item.gold
-    assert result == {"acc": correct / 12, "acc_norm": correct_norm / 12, "n": 12, "choices": 24}
+    assert result == {"acc": correct / 12, "acc_norm": correct_norm / 12, "n": 12, "choices": 24, "truncated": 0}
 
 
 def test_task_formats_are_detected_from_fields():
@@ -215,3 +215,10 @@ def test_lm_eval_command_runs_the_harness_cli(stories260k_path, tmp_path):
     assert 0 <= data["results"]["local_piqa"]["acc,none"] <= 1
     refused = CliRunner().invoke(app, ["lm-eval", "--model", str(stories260k_path), "--model_args", "x=1"])
     assert refused.exit_code == 2 and "set by `lolcats lm-eval`" in refused.output
+
+
+def test_a_continuation_longer_than_the_window_is_scored_by_its_tail_and_counted(stories):
+    model, tokenizer = stories
+    long_text = " Lily and Tom went to the park to play with the big red ball." * 12
+    (score,) = score_pairs(model, tokenizer, [("Once upon a time", long_text)], max_length=64)
+    assert score.truncated and score.tokens == 64 and math.isfinite(score.loglikelihood)

@@ -4,7 +4,8 @@ Tokenisation follows lm-evaluation-harness: trailing whitespace of the context m
 continuation, the pair is encoded whole and the context's tokens are cut off the front, so a
 continuation's tokens are exactly those it gets inside the full text. Every context starts with BOS
 when the tokenizer has one (all models lolcats supports are trained with it); a context too long for
-``max_length`` loses tokens on the left. Batches are left-padded with position ids counted from each
+``max_length`` loses tokens on the left, and a continuation longer than ``max_length`` by itself keeps only
+its last tokens (flagged in the score, counted in task results). Batches are left-padded with position ids counted from each
 row's first real token, and only the continuation positions go through the LM head, so batched scores
 equal one-at-a-time scores up to float rounding (tested).
 """
@@ -20,7 +21,8 @@ import torch
 class Score:
     loglikelihood: float  # sum over the continuation's tokens
     is_greedy: bool  # every continuation token is the argmax given its prefix
-    tokens: int  # continuation length in tokens
+    tokens: int  # continuation tokens scored
+    truncated: bool = False  # the continuation alone was longer than max_length: only its last tokens scored
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -54,9 +56,12 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *, batch_
     max_length = max_length or model_max_length(model)
     device = next(model.parameters()).device
     rows = []
+    truncated = []
     for context, continuation in pairs:
         if not continuation:
             raise ValueError("cannot score an empty continuation")
+        truncated.append(len(continuation) > max_length)
+        continuation = continuation[-max_length:]
         ids = (context + continuation)[-(max_length + 1):]
         rows.append((ids[:-1], continuation))
     # Longest first, so each batch pads little and the first batch shows the peak memory.
@@ -83,6 +88,7 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *, batch_
                 loglikelihood=float(picked.sum()),
                 is_greedy=bool((row_log_probs.argmax(-1) == target).all()),
                 tokens=len(continuation),
+                truncated=truncated[order[begin + row]],
             )
     return scores
 

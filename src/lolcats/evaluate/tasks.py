@@ -166,7 +166,8 @@ def evaluate_task(model, tokenizer, task: Task, *, limit: int | None = None, num
     rng = random.Random(seed)
     items = [_with_shots(task, i, num_fewshot, rng) for i in range(min(limit or len(task.items), len(task.items)))]
     pairs = [(c, x) for item in items for c, x in zip(item.contexts, item.continuations)]
-    scores = iter(score_pairs(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length))
+    all_scores = score_pairs(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length)
+    scores = iter(all_scores)
     correct = correct_norm = 0
     loglikelihoods = []
     for item in items:
@@ -180,7 +181,8 @@ def evaluate_task(model, tokenizer, task: Task, *, limit: int | None = None, num
         if item.choice_lengths:
             normalised = [v / max(n, 1) for v, n in zip(values, item.choice_lengths)]
             correct_norm += max(range(len(values)), key=normalised.__getitem__) == item.gold
-    result = {"acc": correct / len(items), "acc_norm": None, "n": len(items), "choices": len(pairs)}
+    result = {"acc": correct / len(items), "acc_norm": None, "n": len(items), "choices": len(pairs),
+              "truncated": sum(score.truncated for score in all_scores)}
     if task.kind in ("multiple_choice", "hellaswag"):
         result["acc_norm"] = correct_norm / len(items)
     if task.kind == "language_modeling":
