@@ -153,3 +153,23 @@ def test_bf16_model_converts_and_runs(ids):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     layer = next(linearized_layers(model))
     assert layer.feature_map_q.weight.dtype == torch.float32  # feature maps and γ train in fp32
+
+
+@pytest.mark.parametrize("attention, length", [("lolcats", 16), ("lolcats", 17), ("sliding", 8), ("sliding", 9)])
+def test_short_sequence_fast_path_matches_the_chunked_hybrid(attention, length):
+    """Up to 2·window (terrace) or window (sliding) tokens the hybrid is exact softmax and takes SDPA; one token
+    longer it takes the chunked path. Both agree with the quadratic reference."""
+    from lolcats.ops import hybrid_attention_reference
+
+    model = convert(tiny_model("llama"), attention=attention, window=8, chunk_size=8)
+    layer = next(linearized_layers(model))
+    layer.window_logit.data = torch.randn(layer.window_logit.shape, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(length)
+    q, k, v = torch.randn(2, 4, length, 16, generator=generator), torch.randn(2, 2, length, 16, generator=generator), torch.randn(2, 2, length, 16, generator=generator)
+    start = torch.tensor([0, 3])
+    fq, fk = layer.features(q, k)
+    expected = hybrid_attention_reference(q, k, v, fq, fk, window=layer.window, scaling=layer.scaling, gamma=layer.gamma, start=start)
+    got = layer.student(q, k, v, start)
+    real = (torch.arange(length)[None, :] >= start[:, None])[:, None, :, None]
+    assert relative_error(got * real, expected * real) <= 1e-5
+    assert layer._window_covers(length) == (length == (16 if attention == "lolcats" else 8))

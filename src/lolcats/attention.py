@@ -209,7 +209,17 @@ class LinearizedAttention(nn.Module):
             return None, None
         return self.feature_map_q(q), self.feature_map_k(expand_heads(k, self.num_heads))
 
+    def _window_covers(self, length: int) -> bool:
+        """Whether every key of a ``length``-token sequence is inside the softmax window of every later query."""
+        if self.window.kind == "terrace":
+            return length <= 2 * self.window.size  # blocks 0 and 1 see everything before them
+        return self.window.kind == "sliding" and length <= self.window.size
+
     def student(self, q, k, v, start, features=None) -> torch.Tensor:
+        if self._window_covers(q.shape[2]):
+            # No key is old enough for the linear term: the hybrid is exact causal softmax (γ cancels in
+            # the normaliser), so short sequences (task scoring, short prompts) take the SDPA path.
+            return softmax_attention(q, k, v, scaling=self.scaling, start=start)
         fq, fk = features if features is not None else self.features(q, k)
         return hybrid_attention_chunked(
             q, k, v, fq, fk,
@@ -225,7 +235,8 @@ class LinearizedAttention(nn.Module):
             out = self._decode(q, k, v, layer_cache)
         elif self.mode == "linear":
             start = self._context.row_starts(batch, length, hidden_states.device)
-            features = self.features(q, k)
+            needed = layer_cache is not None or not self._window_covers(length)
+            features = self.features(q, k) if needed else (None, None)
             out = self.student(q, k, v, start, features)
             if layer_cache is not None:
                 self._prefill(layer_cache, k, v, features[1], start)

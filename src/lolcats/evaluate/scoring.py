@@ -77,8 +77,11 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *, batch_
             input_ids[row, width - len(inputs):] = torch.tensor(inputs)
             attention_mask[row, width - len(inputs):] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # Indices rather than a count: transformers then hands the LM head a contiguous copy of the kept
+        # positions, and a strided input makes a frozen (requires_grad=False) Linear several times slower on CPU.
+        kept = torch.arange(width - keep, width, device=device)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       position_ids=position_ids.to(device), use_cache=False, logits_to_keep=keep).logits
+                       position_ids=position_ids.to(device), use_cache=False, logits_to_keep=kept).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, keep, V): only the last `keep` positions
         for row, (_, continuation) in enumerate(batch):
             target = torch.tensor(continuation, device=device)
