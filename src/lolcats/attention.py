@@ -210,7 +210,12 @@ class LinearizedAttention(nn.Module):
         return self.feature_map_q(q), self.feature_map_k(expand_heads(k, self.num_heads))
 
     def _window_covers(self, length: int) -> bool:
-        """Whether every key of a ``length``-token sequence is inside the softmax window of every later query."""
+        """Whether every key of a ``length``-token sequence is inside the softmax window of every later query.
+
+        Only used without autograd: in training the chunked path keeps φ and γ in the graph (with zero gradient).
+        """
+        if torch.is_grad_enabled():
+            return False
         if self.window.kind == "terrace":
             return length <= 2 * self.window.size  # blocks 0 and 1 see everything before them
         return self.window.kind == "sliding" and length <= self.window.size
