@@ -92,22 +92,16 @@ class LinearizedCache(DynamicCache):
 
     def nbytes(self) -> int:
         """Bytes held by the cache: the recurrent states plus any softmax layers' keys and values."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, RecurrentLayer):
-                total += layer.nbytes()
-            else:
-                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
-        return total
+        return cache_nbytes(self)
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes held by any transformers cache (keys and values of every layer), or by ours."""
-    if isinstance(cache, LinearizedCache):
-        return cache.nbytes()
-    return sum(
-        t.numel() * t.element_size()
-        for layer in cache.layers
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-        if t is not None
-    )
+    """Bytes held by any transformers cache (keys and values of every layer), recurrent states included."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, RecurrentLayer):
+            total += layer.nbytes()
+            continue
+        tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
