@@ -67,6 +67,7 @@ def test_metrics_follow_lm_eval_definitions(stories):
     assert result == {"acc": correct / 12, "acc_norm": correct_norm / 12, "n": 12, "choices": 24, "truncated": 0}
 
 
+@pytest.mark.skipif(not EVAL.is_dir(), reason=f"shared eval folder missing: {EVAL}")
 def test_task_formats_are_detected_from_fields():
     kinds = {path.stem: load_task(path).kind for path in sorted(EVAL.glob("*.jsonl"))}
     assert kinds == {"arc_challenge": "multiple_choice", "arc_easy": "multiple_choice", "piqa": "multiple_choice",
