@@ -11,8 +11,8 @@ def test_help_lists_only_working_commands():
     assert result.exit_code == 0
     commands = {command.name or command.callback.__name__ for command in app.registered_commands}
     assert commands == {"convert", "linearize", "generate", "eval", "lm-eval", "report"}
-    assert [group.name for group in app.registered_groups] == ["bench"]
-    for name in commands | {"bench"}:
+    assert sorted(group.name for group in app.registered_groups) == ["bench", "blockwise"]
+    for name in commands | {"bench", "blockwise"}:
         assert name in result.output
 
 
@@ -68,6 +68,32 @@ def test_linearize_errors_are_one_line_without_traceback(stories260k_path, tmp_p
     assert "bad.jsonl:2" in result.output
     result = runner.invoke(app, ["linearize", "--config", "no-such-recipe", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "packaged recipe" in result.output
+
+
+def test_blockwise_phases_from_the_command_line(stories260k_path, tmp_path):
+    from conftest import SHARED
+
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {stories260k_path}\ndata: [{SHARED / 'data' / 'stories260k_samples.txt'}]\n"
+                      "seq_len: 128\nbatch_tokens: 512\neval_tokens: 512\nheld_out: 8\nstage1_tokens: 1000\n")
+    common = ["--config", str(config), "--out", str(out), "--block-size", "3"]
+    result = runner.invoke(app, ["blockwise", "collect", *common])
+    assert result.exit_code == 0, result.output
+    assert "x 2 bytes x 2 block inputs" in result.output
+    result = runner.invoke(app, ["blockwise", "stitch", *common])
+    assert result.exit_code == 2 and "not trained yet" in result.output and "blockwise train --block 0" in result.output
+    for block in ("0", "1"):
+        result = runner.invoke(app, ["blockwise", "train", "--block", block, "--quiet", *common])
+        assert result.exit_code == 0, result.output
+        assert f"block {block} (layers" in result.output
+    result = runner.invoke(app, ["blockwise", "stitch", *common])
+    assert result.exit_code == 0, result.output
+    assert (out / "blockwise" / "stage1.safetensors").is_file()
+    result = runner.invoke(app, ["blockwise", "train", "--block", "0", *common[:-2], "--block-size", "2"])
+    assert result.exit_code == 2 and "another block size" in result.output
+    result = runner.invoke(app, ["linearize", "--blockwise", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 2 and "--blockwise needs --block-size" in result.output
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from lolcats.checkpoint import ADAPTER, MANIFEST, ArtifactError
 from lolcats.convert import set_attention_mode
 from lolcats.data import read_documents, split_held_out, tokenize_documents
 from lolcats.pipeline import RunConfig, linearize
-from lolcats.stages.loop import StageSettings, TrainingError, evaluate_loss, train_stage
+from lolcats.stages.loop import StageSettings, TrainingError, evaluate_loss, example_data, train_stage
 from lolcats.stages.lora import add_lora, lm_loss_fn, lora_parameters
 from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
 
@@ -54,7 +54,8 @@ def test_stage1_trains_only_feature_maps_and_gamma_and_its_loss_falls(stories260
     assert params and all(("feature_map_" in n) or n.endswith("window_logit") for n in params)
     before = snapshot(model)
     loss_fn = transfer_loss_fn(model)
-    result = train_stage(params, loss_fn, train, held, settings("stage1", 12_000, 1e-2), seed=0, pad_id=0,
+    stage = settings("stage1", 12_000, 1e-2)
+    result = train_stage(params, loss_fn, example_data(train, held, stage, seed=0, pad_id=0), stage,
                          run_dir=tmp_path, progress=False)
     assert changed(before, model) == set(params)
     assert result.best_eval_loss < 0.5 * result.first_eval_loss
@@ -70,7 +71,8 @@ def test_stage2_trains_only_lora(stories260k_path, examples, tmp_path):
     before = snapshot(model)
     params = lora_parameters(model)
     assert len(params) == 5 * 4 * 2
-    train_stage(params, lm_loss_fn(model), train, held, settings("stage2", 3000, 1e-3, ), seed=0, pad_id=0,
+    stage = settings("stage2", 3000, 1e-3)
+    train_stage(params, lm_loss_fn(model), example_data(train, held, stage, seed=0, pad_id=0), stage,
                 run_dir=tmp_path, progress=False)
     assert changed(before, model) and changed(before, model) <= {n for n in params if "lora_B" in n or "lora_A" in n}
     assert all("feature_map" not in n and "window_logit" not in n for n in changed(before, model))
@@ -95,7 +97,7 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(stories260k_pa
                 raise Killed
             return loss_fn(batch)
 
-        result = train_stage(transfer_parameters(model), maybe_killed, train, held, stage, seed=3, pad_id=0,
+        result = train_stage(transfer_parameters(model), maybe_killed, example_data(train, held, stage, seed=3, pad_id=0), stage,
                              run_dir=run_dir, resume=resume, progress=False)
         return result, {n: p.detach().clone() for n, p in transfer_parameters(model).items()}
 
@@ -131,7 +133,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(stories
 
     params = transfer_parameters(model)
     with pytest.raises(TrainingError, match=r"stage1: loss is nan at step 3.*last good checkpoint"):
-        train_stage(params, poisoned, train, held, settings("stage1", 10_000, 1e-2), seed=0, pad_id=0,
+        stage = settings("stage1", 10_000, 1e-2)
+        train_stage(params, poisoned, example_data(train, held, stage, seed=0, pad_id=0), stage,
                     run_dir=tmp_path, progress=False)
     checkpoint = tmp_path / "checkpoints" / "stage1.safetensors"
     fresh = converted(stories260k_path)

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -91,15 +91,18 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fingerprint(model: nn.Module) -> dict[str, str]:
-    """Hashes of a base model's config and weights, to refuse an adapter on the wrong base.
-
-    The weight hash reads every base tensor's shape and a strided sample of up to 4096 of its values in
-    fp32, which separates different checkpoints of one architecture without hashing gigabytes.
-    """
+    """Hashes of a base model's config and weights, to refuse an adapter on the wrong base."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return {"config_sha256": config_hash, "weights_sha256": weights_hash(model.state_dict().items())}
+
+
+def weights_hash(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Hash of base tensors (adapter tensors skipped): each one's name, shape and a strided sample of up to
+    4096 of its values in fp32, which separates different checkpoints of one architecture without hashing
+    gigabytes."""
     weights = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
         if is_adapter_parameter(name):
             continue
         name = name.replace(".base_layer.", ".")  # peft-wrapped projections keep their base identity
@@ -107,7 +110,7 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
         step = max(1, flat.numel() // 4096)
         weights.update(name.encode() + str(tuple(tensor.shape)).encode())
         weights.update(flat[::step][:4096].float().cpu().numpy().tobytes())
-    return {"config_sha256": config_hash, "weights_sha256": weights.hexdigest()}
+    return weights.hexdigest()
 
 
 def save_adapter(directory: Path, model: nn.Module, manifest: Mapping) -> None:
@@ -156,13 +159,15 @@ def save_trainer_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer: Mapping,
     extra: Mapping[str, torch.Tensor] | None = None,
+    optimizer_state: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> None:
     """One file holds the trained tensors, AdamW's moments, the RNG, ``extra`` tensors (e.g. the best
-    state so far) and the loop's counters (as metadata)."""
+    state so far) and the loop's counters (as metadata). ``optimizer_state`` replaces the optimizer's own
+    per-parameter state (whole tensors gathered from shards)."""
     tensors = {f"param.{name}": p for name, p in parameters.items()}
     tensors.update({f"extra.{name}": t for name, t in (extra or {}).items()})
     state = optimizer.state_dict()
-    for index, per_param in state["state"].items():
+    for index, per_param in (optimizer_state if optimizer_state is not None else state["state"]).items():
         for key, value in per_param.items():
             tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()

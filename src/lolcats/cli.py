@@ -73,12 +73,35 @@ def recipe_path(config: str) -> Path:
                              f"({', '.join(p.stem for p in sorted(packaged.parent.glob('*.yaml')))})")
 
 
+def _run_config(config: Optional[str], flags: dict, resume: bool = False):
+    """RunConfig from a YAML recipe (default without --model: gemma3-270m-cpu) with the given flags on top."""
+    from .config import load_yaml
+    from .pipeline import RunConfig
+
+    if config is None and flags.get("model") is None:
+        config = "gemma3-270m-cpu"
+    settings = load_yaml(recipe_path(config)) if config else {}
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    if flags.get("lora_rank") is not None and "lora_alpha" not in settings:
+        settings["lora_alpha"] = 2.0 * flags["lora_rank"]
+    settings["resume"] = resume
+    settings.setdefault("out", "lolcats-out")
+    return RunConfig(**settings)
+
+
+_MODEL_HELP = "Local HF folder, hub id or .gguf file (default: the packaged Gemma-3-270M)."
+_CONFIG_HELP = ("YAML with the same keys as these flags (underscores), or a packaged recipe name (stories260k-cpu, "
+                "gemma3-270m-cpu); flags override it. Default without --model: gemma3-270m-cpu.")
+_BLOCK_SIZE_HELP = "Layers per block for block-wise stage 1 (stored teacher activations; see `lolcats blockwise`)."
+_ACTIVATIONS_HELP = "Folder for the stored block inputs (default: OUT/blockwise/activations)."
+
+
 @app.command()
 def linearize(
-    model: Optional[str] = typer.Option(None, help="Local HF folder, hub id or .gguf file (default: the packaged Gemma-3-270M)."),
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
     data: Optional[list[Path]] = typer.Option(None, help="Training text (.txt: blank-line separated documents) or .jsonl; repeatable."),
     out: Optional[Path] = typer.Option(None, help="Output folder: lolcats.json, adapter.safetensors, logs/, checkpoints/."),
-    config: Optional[str] = typer.Option(None, help="YAML with the same keys as these flags (underscores), or a packaged recipe name (stories260k-cpu, gemma3-270m-cpu); flags override it. Default without --model: gemma3-270m-cpu."),
+    config: Optional[str] = typer.Option(None, help=_CONFIG_HELP),
     attention: Optional[str] = typer.Option(None, help="lolcats | sliding | linear | window"),
     feature_map: Optional[str] = typer.Option(None, help="hedgehog | t2r | elu | relu | taylor"),
     window: Optional[int] = typer.Option(None, help="Softmax window in tokens (default 64)."),
@@ -88,31 +111,111 @@ def linearize(
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (default 8; alpha = 2 x rank unless set in YAML)."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order, split and initialisation."),
     eval_text: Optional[list[Path]] = typer.Option(None, help="Text for the final teacher vs linearized perplexity; repeatable."),
+    blockwise: bool = typer.Option(False, "--blockwise", help="Stage 1 block by block from stored teacher activations (needs --block-size)."),
+    block_size: Optional[int] = typer.Option(None, help=_BLOCK_SIZE_HELP),
+    activations: Optional[Path] = typer.Option(None, help=_ACTIVATIONS_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Linearize MODEL: convert, train the feature maps (stage 1), LoRA (stage 2), save, report perplexity."""
-    from .config import load_yaml
-    from .pipeline import RunConfig, linearize as run_pipeline
+    """Linearize MODEL: convert, train the feature maps (stage 1), LoRA (stage 2), save, report perplexity.
+
+    Runs the same under `torchrun --nproc-per-node N -m lolcats.cli linearize ...` or `accelerate launch`
+    (data parallel, gloo on CPU, nccl on GPUs): the global batch stays --batch-tokens.
+    """
+    from .pipeline import linearize as run_pipeline
     from .stages.loop import TrainingError
 
-    if config is None and model is None:
-        config = "gemma3-270m-cpu"
-    settings = load_yaml(recipe_path(config)) if config else {}
+    if blockwise and block_size is None:
+        _fail(ValueError("--blockwise needs --block-size K (layers per block)"))
+    if block_size is not None and not blockwise:
+        _fail(ValueError("--block-size is for block-wise training: add --blockwise"))
     flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
                  attention=attention, feature_map=feature_map, window=window, seq_len=seq_len,
                  stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,
-                 eval_text=[str(p) for p in eval_text] if eval_text else None)
-    settings.update({key: value for key, value in flags.items() if value is not None})
-    if lora_rank is not None and "lora_alpha" not in settings:
-        settings["lora_alpha"] = 2.0 * lora_rank
-    settings["resume"] = resume
-    if "out" not in settings:
-        settings["out"] = "lolcats-out"
+                 eval_text=[str(p) for p in eval_text] if eval_text else None, block_size=block_size,
+                 activations=str(activations) if activations else None)
     try:
-        run = RunConfig(**settings)
-        run_pipeline(run, echo=typer.echo, progress=not quiet)
+        run_pipeline(_run_config(config, flags, resume), echo=typer.echo, progress=not quiet)
     except (ValueError, FileNotFoundError, NotImplementedError, TrainingError) as err:
+        _fail(err)
+
+
+blockwise_app = typer.Typer(
+    help="Block-wise attention transfer in three phases, each restartable and runnable alone: `collect` (teacher "
+    "hidden states at block boundaries), `train --block i` (one block, from its stored inputs, on any machine), "
+    "`stitch` (merge the blocks). Then `lolcats linearize --blockwise` with the same settings runs stage 2.",
+    no_args_is_help=True,
+)
+app.add_typer(blockwise_app, name="blockwise")
+
+
+def _blockwise_run(config, model, data, out, block_size, activations, stage1_tokens, seed, resume=False):
+    flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
+                 block_size=block_size, activations=str(activations) if activations else None,
+                 stage1_tokens=stage1_tokens, seed=seed)
+    return _run_config(config, flags, resume)
+
+
+@blockwise_app.command("collect")
+def blockwise_collect(
+    config: Optional[str] = typer.Option(None, help=_CONFIG_HELP),
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    data: Optional[list[Path]] = typer.Option(None, help="Training text or .jsonl; repeatable."),
+    out: Optional[Path] = typer.Option(None, help="The run's output folder."),
+    block_size: Optional[int] = typer.Option(None, help=_BLOCK_SIZE_HELP),
+    activations: Optional[Path] = typer.Option(None, help=_ACTIVATIONS_HELP),
+    stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens (what is collected)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order and split."),
+) -> None:
+    """Run the teacher once; store the hidden states entering each block (refuses if the disk is too small)."""
+    from .pipeline import blockwise_collect as collect
+
+    try:
+        collect(_blockwise_run(config, model, data, out, block_size, activations, stage1_tokens, seed), echo=typer.echo)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+
+
+@blockwise_app.command("train")
+def blockwise_train(
+    block: int = typer.Option(..., help="Index of the block to train (0-based)."),
+    config: Optional[str] = typer.Option(None, help=_CONFIG_HELP),
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    out: Optional[Path] = typer.Option(None, help="The run's output folder."),
+    block_size: Optional[int] = typer.Option(None, help=_BLOCK_SIZE_HELP),
+    activations: Optional[Path] = typer.Option(None, help=_ACTIVATIONS_HELP),
+    stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens."),
+    seed: Optional[int] = typer.Option(None, help="Seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue this block from its checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train one block from its stored inputs; only its layers' weights are loaded (safetensors folders)."""
+    from .distributed import init_from_environment
+    from .pipeline import blockwise_train as train
+    from .stages.loop import TrainingError
+
+    try:
+        init_from_environment()
+        train(_blockwise_run(config, model, None, out, block_size, activations, stage1_tokens, seed, resume), block,
+              echo=typer.echo, progress=not quiet)
+    except (ValueError, FileNotFoundError, TrainingError) as err:
+        _fail(err)
+
+
+@blockwise_app.command("stitch")
+def blockwise_stitch(
+    config: Optional[str] = typer.Option(None, help=_CONFIG_HELP),
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    out: Optional[Path] = typer.Option(None, help="The run's output folder."),
+    block_size: Optional[int] = typer.Option(None, help=_BLOCK_SIZE_HELP),
+    activations: Optional[Path] = typer.Option(None, help=_ACTIVATIONS_HELP),
+) -> None:
+    """Merge the trained blocks into OUT/blockwise/stage1.safetensors."""
+    from .pipeline import blockwise_stitch as stitch
+
+    try:
+        stitch(_blockwise_run(config, model, None, out, block_size, activations, None, None), echo=typer.echo)
+    except (ValueError, FileNotFoundError) as err:
         _fail(err)
 
 

@@ -7,32 +7,38 @@ perplexity. ``load(DIR)`` rebuilds the trained model from what ``linearize`` sav
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import (
     ADAPTER,
     ArtifactError,
+    adapter_state,
     atomic_write_json,
     fingerprint,
     load_adapter_into,
     read_manifest,
+    read_tensors,
     save_adapter,
 )
 from .config import AttentionKind, FeatureMapName, LinearizeConfig
 from .convert import convert, linearized_layers, set_attention_mode
 from .data import count_tokens, pack_stream, pad_id_for, read_documents, split_held_out, tokenize_documents
 from .evaluate.perplexity import perplexity
+from .families import family_for
 from .models import DEFAULT_MODEL, load_base_model, load_tokenizer
-from .stages.loop import StageSettings, train_stage
+from .stages import blockwise
+from .stages.loop import StageSettings, example_data, train_stage
 from .stages.lora import add_lora, lm_loss_fn, lora_parameters, merge_lora, teacher_kl_loss_fn
 from .stages.transfer import transfer_loss_fn, transfer_parameters
 
@@ -67,6 +73,14 @@ class RunConfig(BaseModel):
     stage1_lr: float = Field(1e-2, gt=0)
     mse_scale: float = Field(1000.0, gt=0)
     attention_ce: float = Field(0.0, ge=0)
+    # block-wise stage 1 (None: joint): blocks of block_size consecutive layers train apart from stored
+    # teacher activations (see stages/blockwise.py)
+    block_size: int | None = Field(None, ge=1)
+    activations: str | None = None  # folder for the stored activations (default: <out>/blockwise/activations)
+    activation_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Under a launcher: "ddp" replicates the model in every process; "fsdp" shards it for stage 2 (LoRA), each
+    # process holding 1/N of the frozen base weights (stage 1 at scale is block-wise, see block_size).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     # stage 2
     stage2_tokens: int = Field(100_000, ge=0)
     stage2_lr: float = Field(1e-4, gt=0)
@@ -92,6 +106,9 @@ class RunConfig(BaseModel):
                                feature_dim=self.feature_dim, softmax_layers=self.softmax_layers,
                                local_layers=self.local_layers)
 
+    def activations_dir(self) -> Path:
+        return Path(self.activations) if self.activations else Path(self.out) / "blockwise" / "activations"
+
     def stage(self, name: str, tokens: int, lr: float) -> StageSettings:
         return StageSettings(name=name, tokens=tokens, lr=lr, batch_tokens=self.batch_tokens,
                              warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm,
@@ -107,14 +124,26 @@ def _versions() -> dict:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Run the whole pipeline; returns the manifest written to run.out/lolcats.json."""
-    out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Prepared:
+    """A loaded teacher and its tokenized data, split into training and held-out examples."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    base_fingerprint: dict
+    train: list
+    held: list
+    pad_id: int
+    data_files: list[str]
+    eval_files: list[str]
+    documents: int
+
+
+def prepare(run: RunConfig, echo: Callable[[str], None] = print) -> Prepared:
     torch.manual_seed(run.seed)
     echo(f"loading {run.model}")
     tokenizer = load_tokenizer(run.model)
-    model = load_base_model(run.model)
+    model = load_base_model(run.model).to(distributed.training_device())
     base_fingerprint = fingerprint(model)
 
     data_files, eval_files = list(run.data), list(run.eval_text)
@@ -123,7 +152,11 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
             raise ValueError("--data is required unless the model is the embedded default")
         from .demo_data import default_data
 
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 samples (or finds) the demo data first; the others read its cache
         train_file, held_file = default_data(model, tokenizer, base_fingerprint["weights_sha256"], echo=echo)
+        if distributed.is_main():
+            distributed.barrier()
         data_files, eval_files = [str(train_file)], eval_files or [str(held_file)]
 
     documents = [doc for path in data_files for doc in read_documents(path)]
@@ -132,13 +165,33 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     train, held = split_held_out(examples, held_out, run.seed)
     if run.packing == "stream":
         train, held = pack_stream(train, run.seq_len, run.seed), pack_stream(held, run.seq_len, run.seed)
-    pad_id = pad_id_for(tokenizer)
     echo(f"data: {len(documents)} documents, {count_tokens(train):,} training tokens, {count_tokens(held):,} held out")
+    return Prepared(model, tokenizer, base_fingerprint, train, held, pad_id_for(tokenizer), data_files, eval_files,
+                    len(documents))
+
+
+def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run the whole pipeline; returns the manifest written to run.out/lolcats.json.
+
+    Under a launcher (torchrun, accelerate launch) every process runs this; training is data parallel,
+    and only rank 0 measures perplexity and writes the artifact.
+    """
+    distributed.init_from_environment()
+    main = distributed.is_main()
+    if not main:
+        echo = _silent
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(run, echo)
+    model, tokenizer, train, held, pad_id = prepared.model, prepared.tokenizer, prepared.train, prepared.held, prepared.pad_id
+    eval_files = prepared.eval_files
 
     forward_speed: dict[str, float] = {}
 
     def measure(who: str) -> dict[str, float]:
         """Perplexity on each --eval-text file, and on the held-out split; times the plain forward."""
+        if not main:
+            return {}
         started, tokens, scores = time.perf_counter(), 0, {}
         for path in eval_files:
             result = perplexity(model, tokenizer, path, seq_len=run.seq_len, protocol=run.eval_protocol,
@@ -157,42 +210,61 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     echo(f"converted layers {[layer.layer_idx for layer in layers]}")
     stages: dict[str, dict] = {}
 
+    stage1 = run.stage("stage1", run.stage1_tokens, run.stage1_lr)
     if run.stage1_tokens > 0 and any(layer.use_linear for layer in layers):
-        result = train_stage(
-            transfer_parameters(model), transfer_loss_fn(model, mse_scale=run.mse_scale, attention_ce=run.attention_ce),
-            train, held, run.stage("stage1", run.stage1_tokens, run.stage1_lr),
-            seed=run.seed, pad_id=pad_id, run_dir=out, resume=run.resume, progress=progress,
-        )
-        stages["stage1"] = result.summary()
-        echo(f"stage 1: {result.tokens:,} tokens, {result.tokens_per_s:.0f} tok/s, eval loss "
-             f"{result.first_eval_loss:.4g} -> {result.best_eval_loss:.4g} (best at step {result.best_step})")
+        if run.block_size:
+            stages["stage1"] = blockwise_stage1(run, prepared, echo=echo, progress=progress)
+            echo(f"stage 1 (block-wise, {run.block_size} layer(s) a block): "
+                 + ", ".join(f"block {b} eval loss {r['first_eval_loss']:.4g} -> {r['best_eval_loss']:.4g}"
+                             for b, r in stages["stage1"]["blocks"].items()))
+        else:
+            result = train_stage(
+                transfer_parameters(model), transfer_loss_fn(model, mse_scale=run.mse_scale, attention_ce=run.attention_ce),
+                example_data(train, held, stage1, seed=run.seed, pad_id=pad_id), stage1,
+                run_dir=out, resume=run.resume, progress=progress,
+            )
+            stages["stage1"] = result.summary()
+            echo(f"stage 1: {result.tokens:,} tokens, {result.tokens_per_s:.0f} tok/s, eval loss "
+                 f"{result.first_eval_loss:.4g} -> {result.best_eval_loss:.4g} (best at step {result.best_step})")
     set_attention_mode(model, "linear")
     for p in model.parameters():
         p.requires_grad_(False)
 
     lora = None
+    sharded = run.parallel == "fsdp" and distributed.world_size() > 1
     if run.stage2_tokens > 0:
         lora = add_lora(model, rank=run.lora_rank, alpha=run.lora_alpha, targets=run.lora_targets)
+        if sharded:
+            distributed.shard_model(model, family_for(model.config).decoder_layers(model))
+        stage2 = run.stage("stage2", run.stage2_tokens, run.stage2_lr)
         result = train_stage(
-            lora_parameters(model), lm_loss_fn(model) if run.stage2_loss == "ce" else teacher_kl_loss_fn(model), train, held, run.stage("stage2", run.stage2_tokens, run.stage2_lr),
-            seed=run.seed + 1, pad_id=pad_id, run_dir=out, resume=run.resume, progress=progress,
+            lora_parameters(model), lm_loss_fn(model) if run.stage2_loss == "ce" else teacher_kl_loss_fn(model),
+            example_data(train, held, stage2, seed=run.seed + 1, pad_id=pad_id), stage2,
+            run_dir=out, resume=run.resume, progress=progress,
         )
         stages["stage2"] = result.summary()
         echo(f"stage 2: {result.tokens:,} tokens, {result.tokens_per_s:.0f} tok/s, eval loss "
              f"{result.first_eval_loss:.4g} -> {result.best_eval_loss:.4g} (best at step {result.best_step})")
     model.eval()
+    whole = {name: distributed.full_tensor(t.detach()) for name, t in adapter_state(model).items()} if sharded else None
+    if not main:
+        distributed.barrier()  # wait for rank 0's artifact
+        return {}
+    if whole is not None:
+        model = _unsharded(run, lora, whole)
 
     diagnostics = attention_diagnostics(model, train[: max(1, min(8, len(train)))], pad_id)
     manifest = {
-        "base_model": {"spec": run.model, **base_fingerprint},
+        "base_model": {"spec": run.model, **prepared.base_fingerprint},
         "conversion": conversion.model_dump(mode="json"),
         "lora": lora,
         "run": run.model_dump(mode="json"),
-        "data": {"files": data_files, "documents": len(documents), "train_tokens": count_tokens(train),
+        "data": {"files": prepared.data_files, "documents": prepared.documents, "train_tokens": count_tokens(train),
                  "held_out_tokens": count_tokens(held)},
         "stages": stages,
         "versions": _versions(),
         "metrics": {"layers": diagnostics},
+        "processes": distributed.world_size(),
     }
     save_adapter(out, model, manifest)
 
@@ -212,7 +284,140 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
         echo(f"perplexity on {Path(path).name}: teacher {row['teacher']:.3f}, linearized {row['linearized']:.3f} "
              f"(x{row['ratio']:.4f})")
     echo(f"saved {out / ADAPTER} and {out / 'lolcats.json'}")
+    distributed.barrier()
     return manifest
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _unsharded(run: RunConfig, lora: dict | None, adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A whole copy of the trained model in this process, from the base and the gathered adapter tensors."""
+    model = load_base_model(run.model)
+    convert(model, run.conversion())
+    if lora:
+        add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"], dropout=lora["dropout"])
+    expected = adapter_state(model)
+    if set(expected) != set(adapter):
+        raise ArtifactError("the gathered FSDP adapter does not match the model's adapter tensors")
+    with torch.no_grad():
+        for name, parameter in expected.items():
+            parameter.copy_(adapter[name])
+    set_attention_mode(model, "linear")
+    return model.eval()
+
+
+# ---- block-wise stage 1 ----------------------------------------------------------------------------
+
+def _blockwise_identity(run: RunConfig, base_fingerprint: dict) -> dict:
+    """What the stored activations depend on (the batches themselves are recorded by content)."""
+    return {"base_model": base_fingerprint, "conversion": run.conversion().model_dump(mode="json"),
+            "block_size": run.block_size, "dtype": run.activation_dtype}
+
+
+def _block_training(run: RunConfig) -> dict:
+    """What a trained block depends on besides its activations: a change retrains it."""
+    return {"stage": asdict(run.stage("stage1", run.stage1_tokens, run.stage1_lr)), "mse_scale": run.mse_scale,
+            "attention_ce": run.attention_ce}
+
+
+def _require_block_size(run: RunConfig) -> int:
+    if not run.block_size:
+        raise ValueError("block-wise training needs a block size (--block-size K, or block_size in the YAML)")
+    return run.block_size
+
+
+def blockwise_collect(run: RunConfig, prepared: Prepared | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Phase 1: the teacher's hidden states entering each block, for every batch stage 1 will see."""
+    block_size = _require_block_size(run)
+    if prepared is None:
+        prepared = prepare(run, echo)
+        convert(prepared.model, run.conversion())
+    stage1 = run.stage("stage1", run.stage1_tokens, run.stage1_lr)
+    train, held = blockwise.planned_batches(
+        example_data(prepared.train, prepared.held, stage1, seed=run.seed, pad_id=prepared.pad_id), run.stage1_tokens)
+    if distributed.is_main():
+        blockwise.collect(prepared.model, train, held, block_size, run.activations_dir(),
+                          identity=_blockwise_identity(run, prepared.base_fingerprint), dtype=run.activation_dtype,
+                          echo=echo)
+    distributed.barrier()
+    return blockwise.read_plan(run.activations_dir())
+
+
+def blockwise_train(run: RunConfig, block: int, model: torch.nn.Module | None = None,
+                    echo: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Phase 2 for one block: train it from its stored inputs (loading only its layers if ``model`` is None);
+    writes <out>/blockwise/block-NNN/feature_maps.safetensors. A block already trained for the same
+    collection and settings is not trained again."""
+    _require_block_size(run)
+    plan = blockwise.read_plan(run.activations_dir())
+    if not 0 <= block < len(plan["blocks"]):
+        raise ValueError(f"block {block} does not exist: the model has blocks 0-{len(plan['blocks']) - 1}")
+    if block not in plan["stored_blocks"]:
+        echo(f"block {block}: no layer to train (layers {plan['blocks'][block]} keep softmax attention)")
+        return {}
+    if plan["identity"]["block_size"] != run.block_size or plan["identity"]["conversion"] != run.conversion().model_dump(mode="json"):
+        raise ArtifactError(f"{run.activations_dir()} was collected with another block size or conversion; collect again")
+    run_dir = Path(run.out) / "blockwise"
+    output = blockwise.block_output(run_dir, block)
+    training = _block_training(run)
+    if output.is_file():
+        _, metadata = read_tensors(output)
+        summary = json.loads(metadata.get("summary", "{}"))
+        if metadata.get("identity") == json.dumps(plan["identity"], sort_keys=True) and summary.get("training") == training:
+            echo(f"block {block}: already trained ({output})")
+            return summary
+    start, stop = plan["blocks"][block]
+    if model is None:
+        model = blockwise.load_block_model(run.model, run.conversion(), range(start, stop),
+                                           device=distributed.training_device(), echo=echo)
+    torch.manual_seed(run.seed)
+    tensors, summary = blockwise.train_block(
+        model, block, run.activations_dir(), plan, run.stage("stage1", run.stage1_tokens, run.stage1_lr),
+        run_dir=run_dir / f"block-{block:03d}", mse_scale=run.mse_scale, attention_ce=run.attention_ce,
+        resume=run.resume, progress=progress,
+    )
+    summary = {**summary, "layers": [start, stop], "training": training}
+    if distributed.is_main():
+        blockwise.save_block(output, tensors, summary, plan)
+    distributed.barrier()
+    echo(f"block {block} (layers {start}-{stop - 1}): eval loss {summary['first_eval_loss']:.4g} -> "
+         f"{summary['best_eval_loss']:.4g}, {summary['tokens_per_s']:.0f} tok/s; saved {output}")
+    return summary
+
+
+def blockwise_stitch(run: RunConfig, model: torch.nn.Module | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Phase 3: merge the blocks into <out>/blockwise/stage1.safetensors (and into ``model`` if given)."""
+    plan = blockwise.read_plan(run.activations_dir())
+    run_dir = Path(run.out) / "blockwise"
+    tensors, summaries = blockwise.stitch(run_dir, plan)
+    trainings = {json.dumps(summary.get("training"), sort_keys=True) for summary in summaries.values()}
+    if len(trainings) > 1:
+        raise ArtifactError("the blocks were trained with different stage-1 settings; train them again with one config")
+    if model is not None:
+        expected = transfer_parameters(model)
+        if set(expected) != set(tensors):
+            raise ArtifactError(f"the stitched blocks do not cover the model's feature maps exactly: missing "
+                                f"{sorted(set(expected) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(expected))[:3]}")
+        with torch.no_grad():
+            for name, parameter in expected.items():
+                parameter.copy_(tensors[name])
+    summary = {"block_size": plan["block_size"], "blocks": summaries,
+               "tokens": sum(s["tokens"] for s in summaries.values()),
+               "seconds": sum(s["seconds"] for s in summaries.values())}
+    if distributed.is_main():
+        blockwise.save_block(run_dir / "stage1.safetensors", tensors, summary, plan)
+    echo(f"stitched {len(summaries)} block(s) into {run_dir / 'stage1.safetensors'}")
+    return summary
+
+
+def blockwise_stage1(run: RunConfig, prepared: Prepared, echo: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """All three phases in this process, on the loaded model (each phase skips what is already done)."""
+    plan = blockwise_collect(run, prepared, echo)
+    for block in plan["stored_blocks"]:
+        blockwise_train(run, block, prepared.model, echo=echo, progress=progress)
+    return blockwise_stitch(run, prepared.model, echo)
 
 
 @torch.no_grad()

@@ -1,7 +1,12 @@
 """The training loop both stages share: token budget, AdamW, warmup + plateau schedule, clipping,
 held-out evaluation with best-state tracking, atomic checkpoints, exact resume and a NaN guard.
 
-A stage supplies only its trainable parameters and a ``loss_fn(batch) -> loss``.
+A stage supplies only its trainable parameters, a ``loss_fn(batch) -> loss`` (a mean over the batch's
+tokens) and a ``StageData`` (batches in training order + the held-out batches).
+
+Under a launcher (torchrun, accelerate launch) every process walks the same global batches and takes its own
+rows; gradients are averaged by torch's DistributedDataParallel, weighted so that the update is the one a
+single process would make on the whole global batch. Only rank 0 writes checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -9,13 +14,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..checkpoint import atomic_write_bytes, load_trainer_checkpoint, save_trainer_checkpoint
 from ..data import Batch, Example, batch_stream, make_batches
 
@@ -63,59 +70,153 @@ class StageResult:
         return out
 
 
+class StageData(Protocol):
+    """Where a stage's batches come from: the same global batches, in the same order, on every process."""
+
+    def stream(self, start_batch: int) -> Iterator[tuple[int, Batch]]:
+        """(global index, batch) from ``start_batch`` on, exactly as an uninterrupted run sees them."""
+
+    def eval_batches(self) -> list[Batch]:
+        """The fixed held-out batches of every evaluation."""
+
+
+@dataclass(frozen=True)
+class ExampleData:
+    """Batches planned from tokenized examples (data.batch_stream): the usual source."""
+
+    train: Sequence[Example]
+    held_out: Sequence[Example]
+    batch_tokens: int
+    eval_tokens: int
+    seed: int
+    pad_id: int
+
+    def stream(self, start_batch: int) -> Iterator[tuple[int, Batch]]:
+        return batch_stream(self.train, batch_tokens=self.batch_tokens, seed=self.seed, pad_id=self.pad_id,
+                            start_batch=start_batch)
+
+    def eval_batches(self) -> list[Batch]:
+        """A fixed subset of held-out batches (the same at every evaluation and after a resume)."""
+        batches, tokens = [], 0
+        for batch in make_batches(self.held_out, batch_tokens=self.batch_tokens, seed=self.seed, epoch=0,
+                                  pad_id=self.pad_id):
+            if tokens >= self.eval_tokens:
+                break
+            batches.append(batch)
+            tokens += batch.num_tokens
+        return batches
+
+
+def example_data(train: Sequence[Example], held_out: Sequence[Example], settings: StageSettings, *, seed: int,
+                 pad_id: int) -> ExampleData:
+    return ExampleData(train, held_out, settings.batch_tokens, settings.eval_tokens, seed, pad_id)
+
+
+def loss_tokens(loss_fn: Callable[[Batch], torch.Tensor], batch: Batch) -> int:
+    """How many tokens ``loss_fn`` averages over in ``batch`` (a loss may declare its own count)."""
+    count = getattr(loss_fn, "count_tokens", None)
+    return count(batch) if count is not None else batch.num_tokens
+
+
 def evaluate_loss(loss_fn: Callable[[Batch], torch.Tensor], batches: Sequence[Batch]) -> float:
-    """Token-weighted mean of the loss over ``batches``, without gradients."""
+    """Token-weighted mean of the loss over ``batches``, without gradients; under a launcher each process
+    scores every world_size-th batch and the sums are combined."""
     total = count = 0.0
     with torch.no_grad():
-        for batch in batches:
-            total += float(loss_fn(batch)) * batch.num_tokens
-            count += batch.num_tokens
+        for index, batch in enumerate(batches):
+            if index % distributed.world_size() != distributed.rank():
+                continue
+            tokens = loss_tokens(loss_fn, batch)
+            total += float(loss_fn(batch)) * tokens
+            count += tokens
+    total, count = distributed.all_reduce_sum([total, count])
     return total / max(count, 1)
+
+
+class _Loss(torch.nn.Module):
+    """The unit DistributedDataParallel wraps: the trained parameters and the stage's loss."""
+
+    def __init__(self, parameters: Mapping[str, torch.nn.Parameter], loss_fn: Callable[[Batch], torch.Tensor]):
+        super().__init__()
+        self.trained = torch.nn.ParameterList(parameters.values())
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(batch)
+
+
+def _data_parallel(parameters: Mapping[str, torch.nn.Parameter], loss_fn: Callable[[Batch], torch.Tensor]):
+    """loss_fn as is in one process or on an FSDP-sharded model (FSDP reduces the gradients itself); under
+    a launcher otherwise, wrapped in DDP (which also broadcasts rank 0's starting parameters, so every
+    process starts from the same state)."""
+    if distributed.world_size() == 1 or any(distributed.is_sharded(p) for p in parameters.values()):
+        return loss_fn
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(iter(parameters.values())).device
+    return DistributedDataParallel(_Loss(parameters, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
+                                   static_graph=True)
 
 
 def train_stage(
     parameters: Mapping[str, torch.nn.Parameter],
     loss_fn: Callable[[Batch], torch.Tensor],
-    train: Sequence[Example],
-    held_out: Sequence[Example],
+    data: StageData,
     settings: StageSettings,
     *,
-    seed: int,
-    pad_id: int,
     run_dir: Path,
     resume: bool = False,
     progress: bool = True,
 ) -> StageResult:
-    """Train ``parameters`` on ``settings.tokens`` real tokens of ``train``; leave them at their best
+    """Train ``parameters`` on ``settings.tokens`` real tokens of ``data``; leave them at their best
     held-out state. Checkpoints go to run_dir/checkpoints/<name>.safetensors, logs to run_dir/logs/<name>.jsonl."""
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / "checkpoints" / f"{settings.name}.safetensors"
     log_path = run_dir / "logs" / f"{settings.name}.jsonl"
     parameters = dict(parameters)
+    main = distributed.is_main()
+    train_loss = _data_parallel(parameters, loss_fn)
     optimizer = torch.optim.AdamW(parameters.values(), lr=settings.lr, weight_decay=settings.weight_decay)
-    eval_batches = _eval_batches(held_out, settings, seed, pad_id)
+    eval_batches = data.eval_batches()
     result = StageResult(settings.name)
     state = {"step": 0, "tokens": 0, "seconds": 0.0, "plateau_scale": 1.0, "bad_evals": 0,
              "best_eval_loss": None, "best_step": None, "first_eval_loss": None, "done": False}
     best = {name: p.detach().clone() for name, p in parameters.items()}
 
+    sharded = any(distributed.is_sharded(p) for p in parameters.values())
     if resume and checkpoint_path.is_file():
+        if sharded:
+            raise TrainingError(f"{settings.name}: resuming an FSDP-sharded stage is not supported yet; rerun it "
+                                "without --resume, or resume with parallel: ddp")
         state = load_trainer_checkpoint(checkpoint_path, parameters, optimizer, extra=best)
-        _truncate_log(log_path, state["step"])
-    elif log_path.exists():
+        distributed.barrier()  # every process has read the checkpoint before rank 0 may rewrite its log
+        if main:
+            _truncate_log(log_path, state["step"])
+    elif log_path.exists() and main:
         log_path.unlink()
+    distributed.barrier()
     history = _read_log(log_path)
 
-    writer = _tensorboard(run_dir, settings.name)
+    writer = _tensorboard(run_dir, settings.name) if main else None
     bar = tqdm(total=settings.tokens, initial=min(state["tokens"], settings.tokens), unit="tok", unit_scale=True,
-               desc=settings.name, disable=not progress, dynamic_ncols=True)
-    stream = batch_stream(train, batch_tokens=settings.batch_tokens, seed=seed, pad_id=pad_id, start_batch=state["step"])
+               desc=settings.name, disable=not (progress and main), dynamic_ncols=True)
+    stream = data.stream(state["step"])
 
     def checkpoint() -> None:
-        save_trainer_checkpoint(checkpoint_path, parameters, optimizer, state, extra=best)
+        if sharded:  # every process takes part in gathering the shards; rank 0 writes whole tensors
+            whole = {name: distributed.full_tensor(p.detach()) for name, p in parameters.items()}
+            whole_best = {name: distributed.full_tensor(t) for name, t in best.items()}
+            moments = {index: {key: distributed.full_tensor(value) for key, value in per_param.items()}
+                       for index, per_param in optimizer.state_dict()["state"].items()}
+            if main:
+                save_trainer_checkpoint(checkpoint_path, whole, optimizer, state, extra=whole_best, optimizer_state=moments)
+        elif main:
+            save_trainer_checkpoint(checkpoint_path, parameters, optimizer, state, extra=best)
 
     def log(record: dict) -> None:
         history.append(record)
+        if not main:
+            return
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if writer is not None:
@@ -142,7 +243,11 @@ def train_stage(
     if state["step"] == 0 and not state["done"]:
         run_eval()  # the untrained state is a candidate too: training must beat it to be kept
     while not state["done"] and state["tokens"] < settings.tokens:
-        step_index, batch = next(stream)
+        try:
+            step_index, batch = next(stream)
+        except StopIteration:
+            raise TrainingError(f"{settings.name}: the data ran out at step {state['step'] + 1} before "
+                                f"{settings.tokens:,} tokens") from None
         assert step_index == state["step"], "data stream out of step with the trainer"
         lr = settings.lr * min(1.0, (state["step"] + 1) / max(settings.warmup_steps, 1)) * state["plateau_scale"]
         if settings.decay == "cosine":
@@ -150,12 +255,18 @@ def train_stage(
         for group in optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        loss = loss_fn(batch)
-        if not torch.isfinite(loss):
-            raise TrainingError(_diverged(settings.name, "loss", float(loss.detach()), state, checkpoint_path))
+        mine = distributed.shard_rows(batch)
+        # This process's share of the global token mean: DDP averages gradients over processes, so scaling
+        # by world_size * my_tokens / all_tokens makes the update the one-process update on the whole batch.
+        share = loss_tokens(loss_fn, mine) / max(loss_tokens(loss_fn, batch), 1)
+        local = train_loss(mine)
+        (global_loss,) = distributed.all_reduce_sum([float(local.detach()) * share])
+        loss = local.detach().new_tensor(global_loss) if distributed.world_size() > 1 else local.detach()
+        if not math.isfinite(global_loss):
+            raise TrainingError(_diverged(settings.name, "loss", global_loss, state, checkpoint_path))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters.values()), settings.max_grad_norm)
+        (local * (share * distributed.world_size()) if distributed.world_size() > 1 else local).backward()
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(list(parameters.values()), settings.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise TrainingError(_diverged(settings.name, "gradient norm", float(grad_norm), state, checkpoint_path))
         optimizer.step()
@@ -175,6 +286,7 @@ def train_stage(
         if finished or state["step"] % settings.checkpoint_every == 0:
             checkpoint()
     bar.close()
+    distributed.barrier()  # the final checkpoint is on disk before any process moves on
     if writer is not None:
         writer.close()
 
@@ -186,17 +298,6 @@ def train_stage(
     result.first_eval_loss = state["first_eval_loss"]
     result.history = history
     return result
-
-
-def _eval_batches(held_out: Sequence[Example], settings: StageSettings, seed: int, pad_id: int) -> list[Batch]:
-    """A fixed subset of held-out batches (the same at every evaluation and after a resume)."""
-    batches, tokens = [], 0
-    for batch in make_batches(held_out, batch_tokens=settings.batch_tokens, seed=seed, epoch=0, pad_id=pad_id):
-        if tokens >= settings.eval_tokens:
-            break
-        batches.append(batch)
-        tokens += batch.num_tokens
-    return batches
 
 
 def _diverged(stage: str, what: str, value: float, state: dict, checkpoint_path: Path) -> str:

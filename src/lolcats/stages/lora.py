@@ -70,7 +70,13 @@ def lm_loss_fn(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
             labels=batch.labels.to(device), use_cache=False,
         ).loss
 
+    loss_fn.count_tokens = scored_tokens
     return loss_fn
+
+
+def scored_tokens(batch: Batch) -> int:
+    """Positions whose next token carries loss: what the next-token losses average over."""
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def teacher_kl_loss_fn(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
@@ -97,4 +103,5 @@ def teacher_kl_loss_fn(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
         student = torch.log_softmax(model(**inputs).logits[:, :-1][scored].float(), dim=-1)
         return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
+    loss_fn.count_tokens = scored_tokens
     return loss_fn

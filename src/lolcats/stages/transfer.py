@@ -38,20 +38,30 @@ def transfer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
-def transfer_loss_fn(model: nn.Module, *, mse_scale: float = 1000.0, attention_ce: float = 0.0) -> Callable[[Batch], torch.Tensor]:
+def transfer_loss_fn(
+    model: nn.Module,
+    *,
+    mse_scale: float = 1000.0,
+    attention_ce: float = 0.0,
+    decoder_inputs: Callable[[Batch, torch.device, torch.dtype], dict] | None = None,
+) -> Callable[[Batch], torch.Tensor]:
+    """``decoder_inputs`` replaces the token ids by other decoder inputs (block-wise transfer feeds the stored
+    hidden states as ``inputs_embeds``)."""
     layers = [layer for layer in linearized_layers(model) if layer.use_linear]
     if not layers:
         raise ValueError("no converted layer has a linear term: there is nothing for attention transfer to train")
     for layer in layers:
         layer.attention_ce_weight = attention_ce
     decoder = model.get_decoder()
-    device = next(model.parameters()).device
+    weight = layers[0].q_proj.weight
+    device, dtype = weight.device, weight.dtype
 
     def loss_fn(batch: Batch) -> torch.Tensor:
         set_attention_mode(model, "distill")
         handle = layers[-1].register_forward_hook(_stop)
+        inputs = decoder_inputs(batch, device, dtype) if decoder_inputs else {"input_ids": batch.input_ids.to(device)}
         try:
-            decoder(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            decoder(**inputs, attention_mask=batch.attention_mask.to(device), use_cache=False)
         except _StopForward:
             pass
         finally:
