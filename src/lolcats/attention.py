@@ -18,7 +18,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .config import LinearizeConfig
 from .feature_maps import make_feature_map
 from .cache import LinearizedCache, RecurrentLayer
 from .families import AttentionFamily
@@ -152,7 +151,7 @@ class LinearizedAttention(nn.Module):
         self,
         original: nn.Module,
         family: AttentionFamily,
-        config: LinearizeConfig,
+        config,  # a LinearizeConfig, or any object with its fields
         context: PaddingContext,
         layer_idx: int,
     ) -> None:
@@ -176,7 +175,7 @@ class LinearizedAttention(nn.Module):
             "linear": Window("none"),
             "window": Window("terrace", config.window),
         }[config.attention]
-        self.use_linear = config.uses_linear_term
+        self.use_linear = config.attention != "window"
         self.chunk_size = config.chunk_size
         if self.use_linear:
             def feature_map():

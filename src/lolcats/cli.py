@@ -220,6 +220,24 @@ def blockwise_stitch(
 
 
 @app.command()
+def export(
+    directory: Path = typer.Argument(..., help="A linearized output folder (from `lolcats linearize`)."),
+    out: Path = typer.Option(..., help="The Hugging Face folder to write (new or empty)."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Fold LoRA into the projections (default: keep it as a peft adapter in OUT/lora)."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16: the weights' dtype in the folder."),
+    base_model: Optional[str] = typer.Option(None, help="The base model, if it moved since training (same fingerprint)."),
+) -> None:
+    """Write DIRECTORY as a standalone HF model folder: AutoModelForCausalLM.from_pretrained(OUT,
+    trust_remote_code=True) then works with torch and transformers only."""
+    from .export import export as run_export
+
+    try:
+        run_export(directory, out, merge_lora=merge_lora, dtype=dtype, base_model=base_model, echo=typer.echo)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        _fail(err)
+
+
+@app.command()
 def generate(
     model: str = typer.Option(..., help="A linearized output folder, or a base model (local folder, hub id, .gguf, 'gemma3-270m') to compare."),
     prompt: str = typer.Option(..., help="Text to continue."),

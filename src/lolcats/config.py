@@ -44,10 +44,6 @@ class LinearizeConfig(BaseModel):
             raise ValueError(f"softmax_layers must be non-negative layer indices, got {layers}")
         return tuple(sorted(set(layers)))
 
-    @property
-    def uses_linear_term(self) -> bool:
-        return self.attention != "window"
-
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)

@@ -118,18 +118,21 @@ def loss_tokens(loss_fn: Callable[[Batch], torch.Tensor], batch: Batch) -> int:
     return count(batch) if count is not None else batch.num_tokens
 
 
-def evaluate_loss(loss_fn: Callable[[Batch], torch.Tensor], batches: Sequence[Batch]) -> float:
-    """Token-weighted mean of the loss over ``batches``, without gradients; under a launcher each process
-    scores every world_size-th batch and the sums are combined."""
+def evaluate_loss(loss_fn: Callable[[Batch], torch.Tensor], batches: Sequence[Batch], *, split: bool = True) -> float:
+    """Token-weighted mean of the loss over ``batches``, without gradients. Under a launcher with ``split``,
+    each process scores every world_size-th batch and the sums are combined; an FSDP-sharded model cannot
+    split (every process must join every forward), so each process scores them all."""
+    split = split and distributed.world_size() > 1
     total = count = 0.0
     with torch.no_grad():
         for index, batch in enumerate(batches):
-            if index % distributed.world_size() != distributed.rank():
+            if split and index % distributed.world_size() != distributed.rank():
                 continue
             tokens = loss_tokens(loss_fn, batch)
             total += float(loss_fn(batch)) * tokens
             count += tokens
-    total, count = distributed.all_reduce_sum([total, count])
+    if split:
+        total, count = distributed.all_reduce_sum([total, count])
     return total / max(count, 1)
 
 
@@ -225,7 +228,7 @@ def train_stage(
                     writer.add_scalar(f"{settings.name}/{key}", value, record["step"])
 
     def run_eval() -> None:
-        loss = evaluate_loss(loss_fn, eval_batches)
+        loss = evaluate_loss(loss_fn, eval_batches, split=not sharded)
         if state["first_eval_loss"] is None:
             state["first_eval_loss"] = loss
         if state["best_eval_loss"] is None or loss < state["best_eval_loss"]:

@@ -49,13 +49,14 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if "lora_" in name}
 
 
-def merge_lora(model: nn.Module) -> None:
-    """Fold every LoRA adapter into its base weight and put the plain linear layer back."""
+def merge_lora(model: nn.Module, merge: bool = True) -> None:
+    """Fold every LoRA adapter into its base weight (``merge=False``: drop it) and put the plain linear layer back."""
     from peft.tuners.lora import LoraLayer
 
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge()
+            if merge:
+                module.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, module.get_base_layer())
 

@@ -1,0 +1,267 @@
+"""`lolcats export`: a linearized output folder -> a standalone Hugging Face model folder.
+
+The folder holds the base model's config (plus ``auto_map`` and a ``lolcats`` block), safetensors weights
+(base + feature maps + γ, LoRA merged or kept as a peft adapter in ``lora/``), the tokenizer, a model card,
+and the modeling code: a ``LolcatsForCausalLM`` that subclasses the base model's transformers class and
+swaps its attention at construction, plus lolcats' own runtime files (swap, attention, cache, feature maps,
+families, ops) copied flat beside it. Those depend on torch and transformers only, so
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works without lolcats installed,
+and the exported model computes with exactly the code ``lolcats.load`` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import ArtifactError, atomic_write_json, read_manifest
+
+RUNTIME_ENTRY = "swap.py"
+ALLOWED_IMPORTS = {"torch", "transformers"}  # besides the standard library and the copied files
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_PACKAGE = Path(__file__).parent
+_RELATIVE_IMPORT = re.compile(r"^(\s*)from (\.+)([\w.]*) import", re.MULTILINE)
+_ABSOLUTE_IMPORT = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_][\w]*)", re.MULTILINE)
+
+MODELING_TEMPLATE = '''"""A linearized {base_class} (LoLCATs), exported by lolcats {version}.
+
+Needs torch and transformers only. Each converted layer's softmax attention is replaced by lolcats'
+hybrid attention (softmax over a recent window + linear attention over older tokens, with learned
+feature maps); `generate()` keeps a constant-size cache for those layers. The lolcats_*.py files
+beside this one are lolcats' own runtime code, copied unchanged apart from their import lines.
+"""
+
+from types import SimpleNamespace
+
+from transformers import {base_class}
+
+from .lolcats_swap import swap_attention
+
+
+class LolcatsForCausalLM({base_class}):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        swap_attention(self, SimpleNamespace(**config.lolcats["conversion"]))
+'''
+
+
+def flat_name(relative: str) -> str:
+    """'ops/chunked.py' -> 'lolcats_ops_chunked.py'; a package's __init__ takes the package's name."""
+    parts = Path(relative).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return "lolcats_" + "_".join(parts) + ".py"
+
+
+def _resolve(relative: str, dots: str, module: str) -> str:
+    """The file a relative import in ``relative`` names, as a path inside the package."""
+    base = Path(relative).parent
+    for _ in range(len(dots) - 1):
+        base = base.parent
+    target = base.joinpath(*module.split(".")) if module else base
+    if (_PACKAGE / target).is_dir():
+        return str(target / "__init__.py")
+    return str(target.with_suffix(".py"))
+
+
+def runtime_sources() -> dict[str, str]:
+    """Flat file name -> source of swap.py and everything it imports from lolcats, imports rewritten.
+
+    Refuses (ValueError) if any of them imports a third-party package other than torch and transformers.
+    """
+    sources: dict[str, str] = {}
+    todo = [RUNTIME_ENTRY]
+    while todo:
+        relative = todo.pop()
+        name = flat_name(relative)
+        if name in sources:
+            continue
+        source = (_PACKAGE / relative).read_text()
+
+        def rewrite(match: re.Match) -> str:
+            target = _resolve(relative, match.group(2), match.group(3))
+            todo.append(target)
+            return f"{match.group(1)}from .{flat_name(target)[:-3]} import"
+
+        source = _RELATIVE_IMPORT.sub(rewrite, source)
+        third_party = {m for m in _ABSOLUTE_IMPORT.findall(source)
+                       if m not in sys.stdlib_module_names and m != "__future__"} - ALLOWED_IMPORTS
+        if third_party:
+            raise ValueError(f"lolcats/{relative} imports {sorted(third_party)}: exported code may use only torch and transformers")
+        sources[name] = source
+    return sources
+
+
+def export(
+    directory: str | Path,
+    out: str | Path,
+    *,
+    merge_lora: bool = False,
+    dtype: str = "float32",
+    base_model: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Write the standalone folder for the linearized model in ``directory`` to ``out`` (which must not exist
+    or be empty). Everything is written to a temporary folder beside ``out`` and moved into place at the end."""
+    from .generation import tokenizer_for
+    from .pipeline import load
+    from .stages.lora import merge_lora as fold_lora
+
+    directory, out = Path(directory), Path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty; export into a new folder")
+    manifest = read_manifest(directory)
+    lora = manifest.get("lora")
+    model = load(directory, base_model=base_model, merge=False)
+    lora_tensors = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+    if lora:
+        fold_lora(model, merge=merge_lora)
+    model.to(DTYPES[dtype])
+    tokenizer = tokenizer_for(str(directory))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        config = model.config
+        config.lolcats = {
+            "format_version": 1,
+            "lolcats_version": __version__,
+            "conversion": manifest["conversion"],
+            "lora": None if not lora else {**lora, "merged": merge_lora},
+        }
+        config.auto_map = {"AutoModelForCausalLM": "modeling_lolcats.LolcatsForCausalLM"}
+        model.save_pretrained(staging, safe_serialization=True)
+        _rewrite_config(staging / "config.json")
+        tokenizer.save_pretrained(staging)
+        base_class = type(model).__name__
+        (staging / "modeling_lolcats.py").write_text(MODELING_TEMPLATE.format(base_class=base_class, version=__version__))
+        for name, source in runtime_sources().items():
+            (staging / name).write_text(source)
+        if lora and not merge_lora:
+            _save_peft_adapter(staging / "lora", lora, lora_tensors, dtype)
+        (staging / "README.md").write_text(model_card(manifest, base_class, merge_lora, dtype))
+        _scrub_paths(staging, [directory, Path(manifest["base_model"]["spec"]), Path.cwd(), Path.home()])
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    echo(f"exported {base_class} -> LolcatsForCausalLM ({dtype}, LoRA "
+         f"{'merged' if merge_lora else 'kept in lora/' if lora else 'none'}) to {out}: {size / 2**20:.1f} MiB")
+    return out
+
+
+def _rewrite_config(path: Path) -> None:
+    config = json.loads(path.read_text())
+    config["architectures"] = ["LolcatsForCausalLM"]
+    config.pop("_name_or_path", None)
+    atomic_write_json(path, config)
+
+
+def _save_peft_adapter(folder: Path, lora: dict, tensors: dict[str, torch.Tensor], dtype: str) -> None:
+    """The LoRA factors in peft's own format: PeftModel.from_pretrained(model, folder) adds them back."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    targets = sorted({name.split(".lora_")[0].replace(".base_layer", "") for name in tensors})
+    LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0), bias="none",
+               target_modules=targets, task_type="CAUSAL_LM").save_pretrained(str(folder))
+    renamed = {"base_model.model." + name.replace(".default.", "."): t.to(DTYPES[dtype]).contiguous()
+               for name, t in tensors.items()}
+    save_file(renamed, str(folder / "adapter_model.safetensors"))
+
+
+def _scrub_paths(folder: Path, paths: list[Path]) -> None:
+    """No absolute path of the exporting machine may end up in the folder (tokenizer configs can carry one)."""
+    needles = sorted({str(p.resolve()) for p in paths if str(p) not in ("", ".")}, key=len, reverse=True)
+    for file in folder.rglob("*"):
+        if not file.is_file() or file.suffix not in (".json", ".md", ".py", ".txt", ".jinja"):
+            continue
+        text = file.read_text()
+        found = [n for n in needles if n in text]
+        if found:
+            raise ArtifactError(f"export would leak the local path {found[0]!r} into {file.name}")
+
+
+def _short(spec: str) -> str:
+    """A base model spec without the exporting machine's directories."""
+    path = Path(spec)
+    return path.name if path.is_absolute() or len(path.parts) > 1 else spec
+
+
+def model_card(manifest: dict, base_class: str, merged: bool, dtype: str) -> str:
+    base = manifest["base_model"]
+    conversion = manifest["conversion"]
+    run = manifest.get("run", {})
+    stages = manifest.get("stages", {})
+    lora = manifest.get("lora")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [lolcats, linear-attention, linearized]",
+        "---",
+        f"# {_short(base['spec'])}, linearized with lolcats",
+        "",
+        f"A linearized version of **{_short(base['spec'])}** ({base_class}; config sha256 "
+        f"`{base['config_sha256'][:16]}`, weights sha256 `{base['weights_sha256'][:16]}`), made with lolcats "
+        f"{__version__} (LoLCATs: attention transfer, then LoRA). Weights: {dtype}; LoRA "
+        f"{'merged into the projections' if merged else 'kept as a peft adapter in `lora/`' if lora else 'not used'}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(FOLDER)",
+        "out = model.generate(**tokenizer('Once upon a time', return_tensors='pt'), max_new_tokens=50)",
+        "```",
+    ]
+    if lora and not merged:
+        lines += ["", "With the LoRA adapter (needs peft): `model = PeftModel.from_pretrained(model, FOLDER + '/lora')`."]
+    lines += [
+        "",
+        "Needs torch and transformers only (lolcats not required). Generation keeps a constant-size cache for",
+        "the linearized layers.",
+        "",
+        "## Recipe",
+        "",
+        f"- attention: `{conversion['attention']}`, feature map `{conversion['feature_map']}` (dim "
+        f"{conversion['feature_dim']}), softmax window {conversion['window']} tokens; layers kept as softmax: "
+        f"{conversion['softmax_layers'] or 'none'}; local layers: {conversion['local_layers']}",
+    ]
+    for name, label in (("stage1", "stage 1 (attention transfer)"), ("stage2", "stage 2 (LoRA)")):
+        if name in stages:
+            s = stages[name]
+            lines.append(f"- {label}: {s['tokens']:,} tokens, {s['steps']} steps, best held-out loss "
+                         f"{s['best_eval_loss']:.4g} (from {s['first_eval_loss']:.4g})")
+    if lora:
+        lines.append(f"- LoRA: rank {lora['rank']}, alpha {lora['alpha']}, on {', '.join(lora['targets'])}")
+    files = [Path(f).name for f in manifest.get("data", {}).get("files", [])]
+    if files:
+        lines.append(f"- data: {', '.join(files)} ({manifest['data'].get('train_tokens', 0):,} training tokens); "
+                     f"seq_len {run.get('seq_len')}, seed {run.get('seed')}")
+    perplexity = manifest.get("metrics", {}).get("perplexity", {})
+    if perplexity:
+        lines += ["", "## Measured gap", "", "| text | teacher ppl | linearized ppl | ratio |", "|---|---|---|---|"]
+        for path, row in perplexity.items():
+            lines.append(f"| {Path(path).name} | {row['teacher']:.3f} | {row['linearized']:.3f} | ×{row['ratio']:.4f} |")
+    lines += ["", f"Versions at training: {json.dumps(manifest.get('versions', {}))}", ""]
+    return "\n".join(lines)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+

@@ -1,0 +1,162 @@
+"""`lolcats export`: a standalone HF folder that loads without lolcats and matches lolcats.load."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lolcats
+from lolcats.cli import app
+from lolcats.export import export, runtime_sources
+
+from conftest import SHARED
+
+# Runs in a fresh interpreter where lolcats (and the training-side packages) cannot be imported.
+STANDALONE = textwrap.dedent('''
+    import json, sys
+    for name in ("lolcats", "peft", "pydantic", "typer"):  # (huggingface_hub itself needs yaml)
+        sys.modules[name] = None  # `import name` now raises ImportError
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, ids_file, out_file = sys.argv[1:4]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.load(ids_file)
+    with torch.no_grad():
+        logits = model(ids).logits
+        prompt = tokenizer("Once upon a time, there was a little", return_tensors="pt")
+        greedy = model.generate(**prompt, max_new_tokens=80, do_sample=False, return_dict_in_generate=True)
+    cache = greedy.past_key_values if getattr(greedy, "past_key_values", None) is not None else greedy.cache
+    loaded = sorted(m for m in sys.modules if m.startswith(("lolcats", "peft", "pydantic")) and sys.modules[m] is not None)
+    torch.save({"logits": logits, "greedy": greedy.sequences, "cache_class": type(cache).__name__,
+                "model_class": type(model).__name__, "loaded": loaded}, out_file)
+''')
+
+
+@pytest.fixture(scope="module")
+def linearized(stories260k_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("linearized")
+    run = lolcats.RunConfig(model=str(stories260k_path), data=(str(SHARED / "data" / "stories260k_samples.txt"),),
+                            out=str(out), seq_len=256, batch_tokens=1024, stage1_tokens=2000, stage2_tokens=1000,
+                            eval_tokens=1024, eval_every=2, held_out=10)
+    lolcats.linearize(run, echo=lambda _: None, progress=False)
+    return out
+
+
+def run_standalone(folder: Path, ids: torch.Tensor, tmp_path: Path) -> dict:
+    script, ids_file, out_file = tmp_path / "standalone.py", tmp_path / "ids.pt", tmp_path / "out.pt"
+    script.write_text(STANDALONE)
+    torch.save(ids, ids_file)
+    result = subprocess.run([sys.executable, str(script), str(folder), str(ids_file), str(out_file)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out_file)
+
+
+def greedy_by_full_forwards(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_export_loads_without_lolcats_and_matches_lolcats_load(linearized, tmp_path):
+    folder = export(linearized, tmp_path / "hf", merge_lora=True, echo=lambda _: None)
+    ids = torch.randint(3, 512, (2, 300), generator=torch.Generator().manual_seed(0))
+    got = run_standalone(folder, ids, tmp_path)
+    assert got["loaded"] == [] and got["model_class"] == "LolcatsForCausalLM"
+
+    reference = lolcats.load(linearized)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
+    # greedy generation with the constant-size cache == greedy by full forwards with lolcats
+    tokenizer = lolcats.load_tokenizer(str(SHARED / "models" / "stories260k"))
+    prompt = tokenizer("Once upon a time, there was a little", return_tensors="pt").input_ids
+    assert got["cache_class"] == "LinearizedCache"
+    assert torch.equal(got["greedy"], greedy_by_full_forwards(reference, prompt, 80))
+
+
+def test_export_folder_contents(linearized, tmp_path):
+    folder = export(linearized, tmp_path / "hf", merge_lora=True, echo=lambda _: None)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_lolcats.LolcatsForCausalLM"}
+    assert config["architectures"] == ["LolcatsForCausalLM"]
+    assert config["lolcats"]["conversion"]["attention"] == "lolcats" and config["lolcats"]["lora"]["merged"]
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "modeling_lolcats.py", "lolcats_swap.py", "README.md", "tokenizer.json"} <= names
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert any("feature_map_q" in k for k in keys) and any("window_logit" in k for k in keys)
+    assert not any("lora_" in k or "base_layer" in k for k in keys)
+    # no path of this machine anywhere in the folder
+    for file in folder.rglob("*"):
+        text = file.read_bytes().decode("utf-8", errors="ignore")
+        for path in (str(linearized), str(SHARED.resolve()), str(Path.cwd()), str(tmp_path)):
+            assert path not in text, f"{file.name} contains {path}"
+    card = (folder / "README.md").read_text()
+    assert "stories260k" in card and "stage 1 (attention transfer)" in card and "| held-out split |" in card
+
+
+def test_runtime_code_imports_only_torch_and_transformers():
+    sources = runtime_sources()
+    assert "lolcats_swap.py" in sources and "lolcats_ops_chunked.py" in sources and "lolcats_cache.py" in sources
+    for name, source in sources.items():
+        assert "from .config" not in source and "import lolcats" not in source
+        for line in source.splitlines():
+            if line.lstrip().startswith("from ."):
+                target = line.split()[1][1:] + ".py"
+                assert target in sources, f"{name} imports {target}, which is not exported"
+
+
+def test_unmerged_lora_is_a_peft_adapter_that_gives_the_same_logits(linearized, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = export(linearized, tmp_path / "hf", echo=lambda _: None)
+    assert (folder / "lora" / "adapter_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(folder / "lora")).eval()
+    ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, lolcats.load(linearized, merge=False)(ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_export_is_half_the_size_and_close(linearized, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    full = export(linearized, tmp_path / "fp32", merge_lora=True, echo=lambda _: None)
+    half = export(linearized, tmp_path / "bf16", merge_lora=True, dtype="bfloat16", echo=lambda _: None)
+    size = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    model = AutoModelForCausalLM.from_pretrained(half, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = lolcats.load(linearized)(ids).logits
+        got = model(ids).logits
+    assert (got - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_export_refuses_a_non_empty_target_and_leaves_it_alone(linearized, tmp_path):
+    from typer.testing import CliRunner
+
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["export", str(linearized), "--out", str(target)])
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "not a lolcats output folder" in result.output
+    assert not (tmp_path / "x").exists()
+    result = CliRunner().invoke(app, ["export", str(linearized), "--out", str(tmp_path / "ok"), "--merge-lora"])
+    assert result.exit_code == 0, result.output
+    assert "exported LlamaForCausalLM -> LolcatsForCausalLM" in result.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
