@@ -7,23 +7,20 @@ import torch
 
 import lolcats
 from lolcats.checkpoint import ArtifactError, read_tensors
-from lolcats.data import read_documents, split_held_out, tokenize_documents
 from lolcats.pipeline import RunConfig, blockwise_collect, blockwise_stitch, blockwise_train, linearize
 from lolcats.stages import blockwise
 from lolcats.stages.loop import StageSettings, example_data, train_stage
 from lolcats.convert import linearized_layers
 from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
 
-from conftest import SHARED
+from conftest import SHARED, story_examples
 
 SAMPLES = SHARED / "data" / "stories260k_samples.txt"
 
 
 @pytest.fixture(scope="module")
 def examples(stories260k_path):
-    tokenizer = lolcats.load_tokenizer(str(stories260k_path))
-    documents = read_documents(SAMPLES)[:120]
-    return split_held_out(tokenize_documents(documents, tokenizer, 192), 12, seed=0)
+    return story_examples(stories260k_path, 120, 192, 12)
 
 
 SETTINGS = StageSettings(name="stage1", tokens=4000, lr=2e-2, batch_tokens=768, warmup_steps=2, eval_every=3,

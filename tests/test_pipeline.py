@@ -11,13 +11,12 @@ import torch
 import lolcats
 from lolcats.checkpoint import ADAPTER, MANIFEST, ArtifactError
 from lolcats.convert import set_attention_mode
-from lolcats.data import read_documents, split_held_out, tokenize_documents
 from lolcats.pipeline import RunConfig, linearize
 from lolcats.stages.loop import StageSettings, TrainingError, evaluate_loss, example_data, train_stage
 from lolcats.stages.lora import add_lora, lm_loss_fn, lora_parameters
 from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
 
-from conftest import SHARED
+from conftest import SHARED, story_examples
 
 SAMPLES = SHARED / "data" / "stories260k_samples.txt"
 VALID = SHARED / "data" / "tinystories_valid.txt"
@@ -25,9 +24,7 @@ VALID = SHARED / "data" / "tinystories_valid.txt"
 
 @pytest.fixture(scope="module")
 def examples(stories260k_path):
-    tokenizer = lolcats.load_tokenizer(str(stories260k_path))
-    documents = read_documents(SAMPLES)[:200]
-    return split_held_out(tokenize_documents(documents, tokenizer, 256), 20, seed=0)
+    return story_examples(stories260k_path, 200, 256, 20)
 
 
 def converted(path):

@@ -119,7 +119,8 @@ def linearize(
 ) -> None:
     """Linearize MODEL: convert, train the feature maps (stage 1), LoRA (stage 2), save, report perplexity.
 
-    Runs the same under `torchrun --nproc-per-node N -m lolcats.cli linearize ...` or `accelerate launch`
+    Runs the same under `torchrun --nproc-per-node N -m lolcats.cli linearize ...` (or another launcher that sets
+    torch.distributed's environment)
     (data parallel, gloo on CPU, nccl on GPUs): the global batch stays --batch-tokens.
     """
     from .pipeline import linearize as run_pipeline

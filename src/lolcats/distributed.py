@@ -1,5 +1,5 @@
-"""Multi-process training on torch.distributed, started by any standard launcher (torchrun,
-`accelerate launch`, srun + torchrun): they all set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR.
+"""Multi-process training on torch.distributed, started by a standard launcher (torchrun, srun + torchrun,
+`accelerate launch --multi_gpu`): they set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR.
 
 One process (no launcher) is the same code with a world of one: every helper here is then a no-op.
 The data-parallel engine itself is torch's DistributedDataParallel (see stages/loop.py); this file

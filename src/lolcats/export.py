@@ -45,6 +45,7 @@ from types import SimpleNamespace
 from transformers import {base_class}
 
 from .lolcats_swap import swap_attention
+{runtime_imports}
 
 
 class LolcatsForCausalLM({base_class}):
@@ -132,6 +133,9 @@ def export(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the folder is meant to be shared
     try:
         config = model.config
         config.lolcats = {
@@ -144,9 +148,11 @@ def export(
         model.save_pretrained(staging, safe_serialization=True)
         _rewrite_config(staging / "config.json")
         tokenizer.save_pretrained(staging)
+        _portable_tokenizer_config(staging / "tokenizer_config.json")
         base_class = type(model).__name__
-        (staging / "modeling_lolcats.py").write_text(MODELING_TEMPLATE.format(base_class=base_class, version=__version__))
-        for name, source in runtime_sources().items():
+        runtime = runtime_sources()
+        (staging / "modeling_lolcats.py").write_text(modeling_code(base_class, runtime))
+        for name, source in runtime.items():
             (staging / name).write_text(source)
         if lora and not merge_lora:
             _save_peft_adapter(staging / "lora", lora, lora_tensors, dtype)
@@ -164,11 +170,30 @@ def export(
     return out
 
 
+def modeling_code(base_class: str, runtime: dict[str, str]) -> str:
+    # transformers < 5 copies only the direct relative imports of a local folder's modeling file into its
+    # module cache, so the modeling file names every runtime file itself.
+    imports = "\n".join(f"from .{name[:-3]} import __name__ as _{name[:-3]}  # noqa: F401"
+                         for name in sorted(runtime) if name != "lolcats_swap.py")
+    return MODELING_TEMPLATE.format(base_class=base_class, version=__version__, runtime_imports=imports)
+
+
 def _rewrite_config(path: Path) -> None:
     config = json.loads(path.read_text())
     config["architectures"] = ["LolcatsForCausalLM"]
     config.pop("_name_or_path", None)
     atomic_write_json(path, config)
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """transformers 5 names its generic fast tokenizer TokenizersBackend; 4.x knows it as PreTrainedTokenizerFast
+    (still an alias in 5.x), so the folder uses the name both read."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        atomic_write_json(path, config)
 
 
 def _save_peft_adapter(folder: Path, lora: dict, tensors: dict[str, torch.Tensor], dtype: str) -> None:

@@ -173,7 +173,7 @@ def prepare(run: RunConfig, echo: Callable[[str], None] = print) -> Prepared:
 def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run the whole pipeline; returns the manifest written to run.out/lolcats.json.
 
-    Under a launcher (torchrun, accelerate launch) every process runs this; training is data parallel,
+    Under a launcher (torchrun) every process runs this; training is data parallel,
     and only rank 0 measures perplexity and writes the artifact.
     """
     distributed.init_from_environment()
@@ -337,10 +337,13 @@ def blockwise_collect(run: RunConfig, prepared: Prepared | None = None, echo: Ca
     stage1 = run.stage("stage1", run.stage1_tokens, run.stage1_lr)
     train, held = blockwise.planned_batches(
         example_data(prepared.train, prepared.held, stage1, seed=run.seed, pad_id=prepared.pad_id), run.stage1_tokens)
-    if distributed.is_main():
-        blockwise.collect(prepared.model, train, held, block_size, run.activations_dir(),
-                          identity=_blockwise_identity(run, prepared.base_fingerprint), dtype=run.activation_dtype,
-                          echo=echo)
+    # Every process computes the same plan and writes its share of the shards (process 0 also the plan).
+    blockwise.collect(prepared.model, train, held, block_size, run.activations_dir(),
+                      identity=_blockwise_identity(run, prepared.base_fingerprint), dtype=run.activation_dtype,
+                      echo=echo, process=(distributed.rank(), distributed.world_size()))
+    distributed.barrier()
+    if distributed.is_main() and distributed.world_size() > 1:
+        blockwise.mark_complete(run.activations_dir())
     distributed.barrier()
     return blockwise.read_plan(run.activations_dir())
 

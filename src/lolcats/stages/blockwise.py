@@ -113,13 +113,17 @@ def collect(
     buffer_bytes: int = 1 << 30,
     echo: Callable[[str], None] = print,
     free_bytes: Callable[[Path], int] | None = None,
+    process: tuple[int, int] = (0, 1),
 ) -> dict:
     """Store the teacher's hidden states entering every block that has layers to train.
 
     ``model`` is converted (its linearized layers run in softmax mode, the teacher); ``identity`` (base
     model fingerprint, settings) is recorded in plan.json, and a folder collected for another identity
-    is refused. Shards already on disk from an interrupted run are kept.
+    is refused. Shards already on disk from an interrupted run are kept. With ``process`` = (index, count)
+    each of several processes writes every count-th shard; process 0 writes the plan, and the caller marks
+    the collection complete (``mark_complete``) once all have finished.
     """
+    index, count = process
     directory = Path(directory)
     family = family_for(model.config)
     layers = family.decoder_layers(model)
@@ -171,7 +175,7 @@ def collect(
 
     total = sum(per_batch)
     todo = [s for s, shard in enumerate(shards)
-            if not all(_shard_path(directory, b, s).is_file() for b in stored_blocks)]
+            if s % count == index and not all(_shard_path(directory, b, s).is_file() for b in stored_blocks)]
     size_of = dict(zip(keys, per_batch))
     needed = sum(size_of[key] for s in todo for key in shards[s])
     tokens = sum(unique[k].input_ids.numel() for k in keys)
@@ -185,7 +189,7 @@ def collect(
             f"blockwise collect needs {needed / 2**30:.2f} GiB in {directory} but only {free / 2**30:.2f} GiB is "
             "free: free space, store elsewhere (--activations), use a larger --block-size, or fewer tokens"
         )
-    if previous is None:
+    if previous is None and index == 0:
         atomic_save_tensors({f"{key}.{name}": getattr(unique[key], name).to(torch.int32)
                              for key in keys for name in ("input_ids", "attention_mask", "labels")},
                             directory / BATCHES, {"format": "lolcats-blockwise-batches"})
@@ -225,9 +229,20 @@ def collect(
     finally:
         for handle in handles:
             handle.remove()
-    plan["complete"] = True
-    atomic_write_json(directory / PLAN, plan)
+    if count == 1:
+        mark_complete(directory)
+        plan["complete"] = True
     return plan
+
+
+def mark_complete(directory: Path) -> None:
+    """Record that every shard of the plan is on disk (checked)."""
+    plan = _read_plan(directory)
+    missing = [str(_shard_path(directory, b, s)) for s in range(len(plan["shards"])) for b in plan["stored_blocks"]
+               if not _shard_path(directory, b, s).is_file()]
+    if missing:
+        raise ArtifactError(f"collection incomplete: {len(missing)} shard file(s) missing, e.g. {missing[0]}")
+    atomic_write_json(Path(directory) / PLAN, {**plan, "complete": True})
 
 
 def _read_plan(directory: Path) -> dict:

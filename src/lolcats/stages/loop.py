@@ -4,7 +4,7 @@ held-out evaluation with best-state tracking, atomic checkpoints, exact resume a
 A stage supplies only its trainable parameters, a ``loss_fn(batch) -> loss`` (a mean over the batch's
 tokens) and a ``StageData`` (batches in training order + the held-out batches).
 
-Under a launcher (torchrun, accelerate launch) every process walks the same global batches and takes its own
+Under a launcher (torchrun) every process walks the same global batches and takes its own
 rows; gradients are averaged by torch's DistributedDataParallel, weighted so that the update is the one a
 single process would make on the whole global batch. Only rank 0 writes checkpoints and logs.
 """
