@@ -83,7 +83,8 @@ def test_export_loads_without_lolcats_and_matches_lolcats_load(linearized, tmp_p
 
 def test_export_folder_contents(linearized, tmp_path):
     folder = export(linearized, tmp_path / "hf", merge_lora=True, echo=lambda _: None)
-    assert folder.stat().st_mode & 0o055  # readable by others (mkdtemp's private mode is not kept)
+    # shareable: mkdtemp's and temp files' owner-only modes are not kept
+    assert all(p.stat().st_mode & 0o044 for p in [folder, *folder.rglob("*")])
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_lolcats.LolcatsForCausalLM"}
     assert config["architectures"] == ["LolcatsForCausalLM"]

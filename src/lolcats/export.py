@@ -158,6 +158,8 @@ def export(
             _save_peft_adapter(staging / "lora", lora, lora_tensors, dtype)
         (staging / "README.md").write_text(model_card(manifest, base_class, merge_lora, dtype))
         _scrub_paths(staging, [directory, Path(manifest["base_model"]["spec"]), Path.cwd(), Path.home()])
+        for file in staging.rglob("*"):  # some writers (safetensors via a temp file) leave owner-only files
+            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
