@@ -78,7 +78,7 @@ def test_jsonl_text_and_instruction_forms(tmp_path):
 def test_malformed_jsonl_names_file_and_line(tmp_path, bad):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n' + bad + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=rf"bad\.jsonl:3\b"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:3\b"):
         read_documents(path)
 
 

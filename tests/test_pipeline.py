@@ -3,7 +3,6 @@
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import lolcats
 from lolcats.checkpoint import ADAPTER, MANIFEST, ArtifactError
 from lolcats.convert import set_attention_mode
 from lolcats.pipeline import RunConfig, linearize
-from lolcats.stages.loop import StageSettings, TrainingError, evaluate_loss, example_data, train_stage
+from lolcats.stages.loop import StageSettings, TrainingError, example_data, train_stage
 from lolcats.stages.lora import add_lora, lm_loss_fn, lora_parameters
 from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
 

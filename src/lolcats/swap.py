@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 
-import torch
 from torch import nn
 
 from .attention import MODES, AttentionMode, LinearizedAttention, PaddingContext
