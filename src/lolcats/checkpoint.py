@@ -31,17 +31,17 @@ class ArtifactError(ValueError):
     """A saved artifact that cannot be used as asked (wrong base model, damaged or incomplete files)."""
 
 
-def _shareable(tmp: str) -> None:
-    """mkstemp creates files readable by their owner only; artifacts get the usual umask-based mode."""
+def shareable(path: str | Path) -> None:
+    """mkstemp/mkdtemp create files and folders for their owner only; artifacts get the usual umask-based mode."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    _shareable(tmp)
+    shareable(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -61,7 +61,7 @@ def atomic_save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    _shareable(tmp)
+    shareable(tmp)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
         os.replace(tmp, path)
@@ -136,18 +136,22 @@ def read_manifest(directory: Path) -> dict:
 def load_adapter_into(model: nn.Module, path: Path) -> None:
     """Copy the saved tensors into ``model``; every expected tensor must be there with its shape."""
     saved, _ = read_tensors(path)
-    expected = adapter_state(model)
+    copy_tensors_into(adapter_state(model), saved, str(path))
+
+
+def copy_tensors_into(expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy ``saved`` into the ``expected`` tensors, which it must match name for name and shape for shape."""
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise ArtifactError(
-            f"{path} does not match the converted model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"{source} does not match the converted model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
         )
     with torch.no_grad():
         for name, parameter in expected.items():
             if saved[name].shape != parameter.shape:
-                raise ArtifactError(f"{path}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(parameter.shape)}")
+                raise ArtifactError(f"{source}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(parameter.shape)}")
             parameter.copy_(saved[name])
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import ArtifactError, atomic_write_json, read_manifest
+from .checkpoint import ArtifactError, atomic_write_json, read_manifest, shareable
 
 RUNTIME_ENTRY = "swap.py"
 ALLOWED_IMPORTS = {"torch", "transformers"}  # besides the standard library and the copied files
@@ -115,7 +115,7 @@ def export(
     or be empty). Everything is written to a temporary folder beside ``out`` and moved into place at the end."""
     from .generation import tokenizer_for
     from .pipeline import load
-    from .stages.lora import merge_lora as fold_lora
+    from .stages.lora import lora_parameters, merge_lora as fold_lora
 
     directory, out = Path(directory), Path(out)
     if dtype not in DTYPES:
@@ -125,7 +125,7 @@ def export(
     manifest = read_manifest(directory)
     lora = manifest.get("lora")
     model = load(directory, base_model=base_model, merge=False)
-    lora_tensors = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+    lora_tensors = {name: p.detach().clone() for name, p in lora_parameters(model).items()}
     if lora:
         fold_lora(model, merge=merge_lora)
     model.to(DTYPES[dtype])
@@ -133,9 +133,6 @@ def export(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the folder is meant to be shared
     try:
         config = model.config
         config.lolcats = {
@@ -157,16 +154,16 @@ def export(
         if lora and not merge_lora:
             _save_peft_adapter(staging / "lora", lora, lora_tensors, dtype)
         (staging / "README.md").write_text(model_card(manifest, base_class, merge_lora, dtype))
-        _scrub_paths(staging, [directory, Path(manifest["base_model"]["spec"]), Path.cwd(), Path.home()])
-        for file in staging.rglob("*"):  # some writers (safetensors via a temp file) leave owner-only files
-            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
+        _refuse_local_paths(staging, [directory, Path(manifest["base_model"]["spec"]), Path.cwd(), Path.home()])
+        for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors' temp file leave owner-only modes
+            shareable(path)
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    size = folder_bytes(out)
     echo(f"exported {base_class} -> LolcatsForCausalLM ({dtype}, LoRA "
          f"{'merged' if merge_lora else 'kept in lora/' if lora else 'none'}) to {out}: {size / 2**20:.1f} MiB")
     return out
@@ -211,7 +208,7 @@ def _save_peft_adapter(folder: Path, lora: dict, tensors: dict[str, torch.Tensor
     save_file(renamed, str(folder / "adapter_model.safetensors"))
 
 
-def _scrub_paths(folder: Path, paths: list[Path]) -> None:
+def _refuse_local_paths(folder: Path, paths: list[Path]) -> None:
     """No absolute path of the exporting machine may end up in the folder (tokenizer configs can carry one)."""
     needles = sorted({str(p.resolve()) for p in paths if str(p) not in ("", ".")}, key=len, reverse=True)
     for file in folder.rglob("*"):

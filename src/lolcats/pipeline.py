@@ -25,6 +25,7 @@ from .checkpoint import (
     ArtifactError,
     adapter_state,
     atomic_write_json,
+    copy_tensors_into,
     fingerprint,
     load_adapter_into,
     read_manifest,
@@ -109,11 +110,17 @@ class RunConfig(BaseModel):
     def activations_dir(self) -> Path:
         return Path(self.activations) if self.activations else Path(self.out) / "blockwise" / "activations"
 
-    def stage(self, name: str, tokens: int, lr: float) -> StageSettings:
+    def _stage(self, name: str, tokens: int, lr: float) -> StageSettings:
         return StageSettings(name=name, tokens=tokens, lr=lr, batch_tokens=self.batch_tokens,
                              warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm,
                              eval_every=self.eval_every, eval_tokens=self.eval_tokens,
                              checkpoint_every=self.checkpoint_every, decay=self.lr_decay)
+
+    def stage1(self) -> StageSettings:
+        return self._stage("stage1", self.stage1_tokens, self.stage1_lr)
+
+    def stage2(self) -> StageSettings:
+        return self._stage("stage2", self.stage2_tokens, self.stage2_lr)
 
 
 def _versions() -> dict:
@@ -210,7 +217,7 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     echo(f"converted layers {[layer.layer_idx for layer in layers]}")
     stages: dict[str, dict] = {}
 
-    stage1 = run.stage("stage1", run.stage1_tokens, run.stage1_lr)
+    stage1 = run.stage1()
     if run.stage1_tokens > 0 and any(layer.use_linear for layer in layers):
         if run.block_size:
             stages["stage1"] = blockwise_stage1(run, prepared, echo=echo, progress=progress)
@@ -236,7 +243,7 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
         lora = add_lora(model, rank=run.lora_rank, alpha=run.lora_alpha, targets=run.lora_targets)
         if sharded:
             distributed.shard_model(model, family_for(model.config).decoder_layers(model))
-        stage2 = run.stage("stage2", run.stage2_tokens, run.stage2_lr)
+        stage2 = run.stage2()
         result = train_stage(
             lora_parameters(model), lm_loss_fn(model) if run.stage2_loss == "ce" else teacher_kl_loss_fn(model),
             example_data(train, held, stage2, seed=run.seed + 1, pad_id=pad_id), stage2,
@@ -292,18 +299,18 @@ def _silent(message: str) -> None:
     pass
 
 
+def _converted_with_lora(model: torch.nn.Module, conversion: LinearizeConfig, lora: dict | None) -> torch.nn.Module:
+    """``model`` converted as recorded, with empty LoRA adapters of the recorded shape (to load tensors into)."""
+    convert(model, conversion)
+    if lora:
+        add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"], dropout=lora.get("dropout", 0.0))
+    return model
+
+
 def _unsharded(run: RunConfig, lora: dict | None, adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A whole copy of the trained model in this process, from the base and the gathered adapter tensors."""
-    model = load_base_model(run.model)
-    convert(model, run.conversion())
-    if lora:
-        add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"], dropout=lora["dropout"])
-    expected = adapter_state(model)
-    if set(expected) != set(adapter):
-        raise ArtifactError("the gathered FSDP adapter does not match the model's adapter tensors")
-    with torch.no_grad():
-        for name, parameter in expected.items():
-            parameter.copy_(adapter[name])
+    model = _converted_with_lora(load_base_model(run.model), run.conversion(), lora)
+    copy_tensors_into(adapter_state(model), adapter, "the gathered FSDP adapter")
     set_attention_mode(model, "linear")
     return model.eval()
 
@@ -318,7 +325,7 @@ def _blockwise_identity(run: RunConfig, base_fingerprint: dict) -> dict:
 
 def _block_training(run: RunConfig) -> dict:
     """What a trained block depends on besides its activations: a change retrains it."""
-    return {"stage": asdict(run.stage("stage1", run.stage1_tokens, run.stage1_lr)), "mse_scale": run.mse_scale,
+    return {"stage": asdict(run.stage1()), "mse_scale": run.mse_scale,
             "attention_ce": run.attention_ce}
 
 
@@ -334,7 +341,7 @@ def blockwise_collect(run: RunConfig, prepared: Prepared | None = None, echo: Ca
     if prepared is None:
         prepared = prepare(run, echo)
         convert(prepared.model, run.conversion())
-    stage1 = run.stage("stage1", run.stage1_tokens, run.stage1_lr)
+    stage1 = run.stage1()
     train, held = blockwise.planned_batches(
         example_data(prepared.train, prepared.held, stage1, seed=run.seed, pad_id=prepared.pad_id), run.stage1_tokens)
     # Every process computes the same plan and writes its share of the shards (process 0 also the plan).
@@ -377,7 +384,7 @@ def blockwise_train(run: RunConfig, block: int, model: torch.nn.Module | None = 
                                            device=distributed.training_device(), echo=echo)
     torch.manual_seed(run.seed)
     tensors, summary = blockwise.train_block(
-        model, block, run.activations_dir(), plan, run.stage("stage1", run.stage1_tokens, run.stage1_lr),
+        model, block, run.activations_dir(), plan, run.stage1(),
         run_dir=run_dir / f"block-{block:03d}", mse_scale=run.mse_scale, attention_ce=run.attention_ce,
         resume=run.resume, progress=progress,
     )
@@ -399,13 +406,7 @@ def blockwise_stitch(run: RunConfig, model: torch.nn.Module | None = None, echo:
     if len(trainings) > 1:
         raise ArtifactError("the blocks were trained with different stage-1 settings; train them again with one config")
     if model is not None:
-        expected = transfer_parameters(model)
-        if set(expected) != set(tensors):
-            raise ArtifactError(f"the stitched blocks do not cover the model's feature maps exactly: missing "
-                                f"{sorted(set(expected) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(expected))[:3]}")
-        with torch.no_grad():
-            for name, parameter in expected.items():
-                parameter.copy_(tensors[name])
+        copy_tensors_into(transfer_parameters(model), tensors, "the stitched blocks")
     summary = {"block_size": plan["block_size"], "blocks": summaries,
                "tokens": sum(s["tokens"] for s in summaries.values()),
                "seconds": sum(s["seconds"] for s in summaries.values())}
@@ -484,10 +485,8 @@ def load(directory: str | Path, *, base_model: str | None = None, merge: bool = 
             f"{directory} was trained on base model {manifest['base_model']['spec']!r}, but {spec!r} has different "
             f"{which} (fingerprint mismatch): load it with the base model it was trained on"
         )
-    convert(model, LinearizeConfig.model_validate(manifest["conversion"]))
     lora = manifest.get("lora")
-    if lora:
-        add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"], dropout=lora.get("dropout", 0.0))
+    _converted_with_lora(model, LinearizeConfig.model_validate(manifest["conversion"]), lora)
     load_adapter_into(model, directory / ADAPTER)
     if lora and merge:
         merge_lora(model)

@@ -145,7 +145,8 @@ def collect(
             filled = 0
         shards[-1].append(key)
         filled += size
-    shard_rows = [sorted({row for key in shard for row in row_keys(unique[key])}) for shard in shards]
+    rows = {key: row_keys(batch) for key, batch in unique.items()}
+    shard_rows = [sorted({row for key in shard for row in rows[key]}) for shard in shards]
     plan = {
         "identity": identity,
         "block_size": block_size,
@@ -221,7 +222,7 @@ def collect(
                     pass
                 for b in stored_blocks:
                     hidden = captured.pop(b)
-                    for i, row in enumerate(row_keys(batch)):
+                    for i, row in enumerate(rows[key]):
                         tensors[b][row] = hidden[i].clone()
             for b in stored_blocks:
                 atomic_save_tensors(tensors[b], _shard_path(directory, b, s), {"format": "lolcats-blockwise-activations"})

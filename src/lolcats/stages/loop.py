@@ -148,11 +148,12 @@ class _Loss(torch.nn.Module):
         return self.loss_fn(batch)
 
 
-def _data_parallel(parameters: Mapping[str, torch.nn.Parameter], loss_fn: Callable[[Batch], torch.Tensor]):
+def _data_parallel(parameters: Mapping[str, torch.nn.Parameter], loss_fn: Callable[[Batch], torch.Tensor],
+                   sharded: bool):
     """loss_fn as is in one process or on an FSDP-sharded model (FSDP reduces the gradients itself); under
     a launcher otherwise, wrapped in DDP (which also broadcasts rank 0's starting parameters, so every
     process starts from the same state)."""
-    if distributed.world_size() == 1 or any(distributed.is_sharded(p) for p in parameters.values()):
+    if distributed.world_size() == 1 or sharded:
         return loss_fn
     from torch.nn.parallel import DistributedDataParallel
 
@@ -178,7 +179,8 @@ def train_stage(
     log_path = run_dir / "logs" / f"{settings.name}.jsonl"
     parameters = dict(parameters)
     main = distributed.is_main()
-    train_loss = _data_parallel(parameters, loss_fn)
+    sharded = any(distributed.is_sharded(p) for p in parameters.values())
+    train_loss = _data_parallel(parameters, loss_fn, sharded)
     optimizer = torch.optim.AdamW(parameters.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     eval_batches = data.eval_batches()
     result = StageResult(settings.name)
@@ -186,7 +188,6 @@ def train_stage(
              "best_eval_loss": None, "best_step": None, "first_eval_loss": None, "done": False}
     best = {name: p.detach().clone() for name, p in parameters.items()}
 
-    sharded = any(distributed.is_sharded(p) for p in parameters.values())
     if resume and checkpoint_path.is_file():
         if sharded:
             raise TrainingError(f"{settings.name}: resuming an FSDP-sharded stage is not supported yet; rerun it "
@@ -260,15 +261,15 @@ def train_stage(
         started = time.perf_counter()
         mine = distributed.shard_rows(batch)
         # This process's share of the global token mean: DDP averages gradients over processes, so scaling
-        # by world_size * my_tokens / all_tokens makes the update the one-process update on the whole batch.
+        # by world_size * my_tokens / all_tokens makes the update the one-process update on the whole batch
+        # (in one process the scale is exactly 1).
         share = loss_tokens(loss_fn, mine) / max(loss_tokens(loss_fn, batch), 1)
         local = train_loss(mine)
-        (global_loss,) = distributed.all_reduce_sum([float(local.detach()) * share])
-        loss = local.detach().new_tensor(global_loss) if distributed.world_size() > 1 else local.detach()
-        if not math.isfinite(global_loss):
-            raise TrainingError(_diverged(settings.name, "loss", global_loss, state, checkpoint_path))
+        (loss,) = distributed.all_reduce_sum([float(local.detach()) * share])
+        if not math.isfinite(loss):
+            raise TrainingError(_diverged(settings.name, "loss", loss, state, checkpoint_path))
         optimizer.zero_grad(set_to_none=True)
-        (local * (share * distributed.world_size()) if distributed.world_size() > 1 else local).backward()
+        (local * (share * distributed.world_size())).backward()
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(list(parameters.values()), settings.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise TrainingError(_diverged(settings.name, "gradient norm", float(grad_norm), state, checkpoint_path))
@@ -277,10 +278,10 @@ def train_stage(
         state["step"] += 1
         state["tokens"] += batch.num_tokens
         state["seconds"] += elapsed
-        log({"step": state["step"], "tokens": state["tokens"], "loss": float(loss.detach()), "lr": lr,
+        log({"step": state["step"], "tokens": state["tokens"], "loss": loss, "lr": lr,
              "grad_norm": float(grad_norm), "tokens_per_s": batch.num_tokens / elapsed})
         bar.update(batch.num_tokens)
-        bar.set_postfix(loss=f"{float(loss.detach()):.4g}", tok_s=f"{batch.num_tokens / elapsed:.0f}")
+        bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{batch.num_tokens / elapsed:.0f}")
         finished = state["tokens"] >= settings.tokens
         if finished or state["step"] % settings.eval_every == 0:
             run_eval()
