@@ -90,17 +90,27 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if is_adapter_parameter(name)}
 
 
+FINGERPRINT_SCHEME = "bf16-samples"
+"""How weights_sha256 is computed; manifests without this marker (lolcats < 0.2) hashed fp32 samples."""
+
+
 def fingerprint(model: nn.Module) -> dict[str, str]:
-    """Hashes of a base model's config and weights, to refuse an adapter on the wrong base."""
+    """Hashes of a base model's config and weights, to refuse an adapter on the wrong base.
+
+    The same base loaded in fp32 or bf16 has the same fingerprint (see ``weights_hash``)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    return {"config_sha256": config_hash, "weights_sha256": weights_hash(model.state_dict().items())}
+    return {"config_sha256": config_hash, "weights_sha256": weights_hash(model.state_dict().items()),
+            "fingerprint": FINGERPRINT_SCHEME}
 
 
-def weights_hash(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+def weights_hash(named_tensors: Iterable[tuple[str, torch.Tensor]], canonical: torch.dtype = torch.bfloat16) -> str:
     """Hash of base tensors (adapter tensors skipped): each one's name, shape and a strided sample of up to
-    4096 of its values in fp32, which separates different checkpoints of one architecture without hashing
-    gigabytes."""
+    4096 of its values, which separates different checkpoints of one architecture without hashing gigabytes.
+
+    The sample is rounded to ``canonical`` (bf16) before hashing: a bf16 load of an fp32 checkpoint holds
+    exactly those rounded values, so the hash does not depend on whether the base was loaded in fp32 or bf16.
+    (An fp16 load rounds differently; ``load`` reads the base in fp32 to check it, then casts.)"""
     weights = hashlib.sha256()
     for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
         if is_adapter_parameter(name):
@@ -108,9 +118,24 @@ def weights_hash(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
         name = name.replace(".base_layer.", ".")  # peft-wrapped projections keep their base identity
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096]
+        if sample.is_floating_point():
+            sample = sample.to(canonical)
         weights.update(name.encode() + str(tuple(tensor.shape)).encode())
-        weights.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+        weights.update(sample.float().cpu().numpy().tobytes())
     return weights.hexdigest()
+
+
+def matches_fingerprint(model: nn.Module, recorded: Mapping[str, str]) -> str | None:
+    """None if ``model`` is the base ``recorded`` describes; otherwise what differs ("config" or "weights")."""
+    found = fingerprint(model)
+    if found["config_sha256"] != recorded["config_sha256"]:
+        return "config"
+    if recorded.get("fingerprint") == FINGERPRINT_SCHEME:
+        same = found["weights_sha256"] == recorded["weights_sha256"]
+    else:  # an older manifest: fp32 samples, comparable only with a base loaded in fp32
+        same = weights_hash(model.state_dict().items(), canonical=torch.float32) == recorded["weights_sha256"]
+    return None if same else "weights"
 
 
 def save_adapter(directory: Path, model: nn.Module, manifest: Mapping) -> None:
@@ -175,6 +200,8 @@ def save_trainer_checkpoint(
         for key, value in per_param.items():
             tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # this process's device
     metadata = {"trainer": json.dumps(dict(trainer)), "param_groups": json.dumps(state["param_groups"])}
     atomic_save_tensors(tensors, path, metadata)
 
@@ -201,4 +228,6 @@ def load_trainer_checkpoint(
             optim_state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(metadata["param_groups"])})
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return json.loads(metadata["trainer"])

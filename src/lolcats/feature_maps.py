@@ -1,6 +1,9 @@
 """Feature maps φ for linear attention, one set of weights per query head, applied after RoPE.
 
-Every map takes (B, H, L, D) and returns non-negative-kernel features (B, H, L, F) in fp32.
+Every map takes (B, H, L, D) queries, or (B, Hkv, L, D) keys of grouped-query attention (each kv head
+read by the H/Hkv query heads that share it, without repeating the keys), and returns non-negative-kernel
+features (B, H, L, F) in fp32. Their weights stay fp32 inside bf16/fp16 models: ``model.to(torch.bfloat16)``
+moves them to the new device but keeps their dtype (see ``FeatureMap._apply``).
 """
 
 from __future__ import annotations
@@ -13,8 +16,28 @@ from torch import nn
 
 
 def _identity_per_head(num_heads: int, rows: int, cols: int) -> torch.Tensor:
-    """(H, rows, cols) identity, truncated or zero-padded when rows != cols."""
-    return torch.eye(rows, cols).expand(num_heads, rows, cols).clone()
+    """(H, rows, cols) fp32 identity, truncated or zero-padded when rows != cols.
+
+    The dtype is explicit: transformers builds models under a default dtype of bf16 when asked for bf16.
+    """
+    return torch.eye(rows, cols, dtype=torch.float32).expand(num_heads, rows, cols).clone()
+
+
+def fp32_preserving(fn):
+    """Wrap an ``nn.Module._apply`` function so that it leaves fp32 tensors fp32 where it would halve them.
+
+    ``Module.to(dtype)``/``.half()``/``.bfloat16()`` go through ``_apply``; the learned φ and γ must stay
+    fp32 (their updates are far below bf16's resolution), so a half-precision cast only moves them to the
+    cast's device. Casts to fp64 (gradient checks) apply as usual.
+    """
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        converted = fn(tensor)
+        if tensor.dtype == torch.float32 and converted.dtype in (torch.bfloat16, torch.float16):
+            return tensor.to(device=converted.device)
+        return converted
+
+    return convert
 
 
 class FeatureMap(nn.Module):
@@ -29,10 +52,33 @@ class FeatureMap(nn.Module):
     def output_dim(self) -> int:
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):
+        return super()._apply(fp32_preserving(fn), recurse)
+
+    def _groups(self, x: torch.Tensor) -> int:
+        """How many query heads read each of x's heads: 1 for queries, H/Hkv for grouped keys."""
+        heads = x.shape[1]
+        if heads < 1 or self.num_heads % heads:
+            raise ValueError(f"feature map built for {self.num_heads} heads got {heads}")
+        return self.num_heads // heads
+
     def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.num_heads:
-            raise ValueError(f"feature map built for {self.num_heads} heads got {x.shape[1]}")
-        return torch.einsum("bhld,hdf->bhlf", x.float(), weight)
+        """x (B, H or Hkv, L, D) @ per-query-head weight (H, D, F) -> (B, H, L, F) in fp32."""
+        groups = self._groups(x)
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        x, weight = x.to(compute), weight.to(compute)
+        if groups == 1:
+            return torch.einsum("bhld,hdf->bhlf", x, weight)
+        grouped = weight.view(x.shape[1], groups, *weight.shape[1:])
+        return torch.einsum("bkld,kgdf->bkglf", x, grouped).flatten(1, 2)
+
+    def _per_query_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Parameter-free maps compute on the kv heads once and share the result with their query heads."""
+        groups = self._groups(features)
+        if groups == 1:
+            return features
+        batch, heads = features.shape[:2]
+        return features[:, :, None].expand(batch, heads, groups, *features.shape[2:]).flatten(1, 2)
 
 
 class Hedgehog(FeatureMap):
@@ -57,7 +103,7 @@ class T2R(FeatureMap):
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int, scaling: float) -> None:
         super().__init__(num_heads, head_dim, feature_dim, scaling)
         self.weight = nn.Parameter(_identity_per_head(num_heads, head_dim, feature_dim))
-        self.bias = nn.Parameter(torch.zeros(num_heads, 1, feature_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads, 1, feature_dim, dtype=torch.float32))
 
     @property
     def output_dim(self) -> int:
@@ -75,7 +121,7 @@ class EluPlusOne(FeatureMap):
         return self.head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 1 + F.elu(x.float())
+        return self._per_query_head(1 + F.elu(x.float()))
 
 
 class Relu(FeatureMap):
@@ -86,7 +132,7 @@ class Relu(FeatureMap):
         return self.head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x.float())
+        return self._per_query_head(F.relu(x.float()))
 
 
 class Taylor(FeatureMap):

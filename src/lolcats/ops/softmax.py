@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import hybrid_attention_chunked
-from .common import Window, expand_heads, row_starts, shift_rows, unshift_rows
+from .common import Window, row_starts, shift_rows, unshift_rows
 
 
 def softmax_attention(
@@ -30,11 +30,13 @@ def softmax_attention(
             q, k, v, None, None, window=Window("sliding", sliding_window), scaling=scaling,
             use_linear=False, start=start,
         )
-    keys, values = expand_heads(k, num_heads), expand_heads(v, num_heads)
+    if num_heads % k.shape[1]:
+        raise ValueError(f"{num_heads} query heads cannot share {k.shape[1]} kv heads evenly")
+    grouped = num_heads != k.shape[1]  # SDPA reads each kv head for its query heads: no repeated K/V
     starts = row_starts(start, batch, q.device)
     if not bool(starts.any()):
-        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=grouped)
     # Left padding becomes right padding, which causal attention never shows to a real query.
-    q, keys, values = (shift_rows(x, starts) for x in (q, keys, values))
-    out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling)
+    q, k, v = (shift_rows(x, starts) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=grouped)
     return unshift_rows(out, starts)

@@ -11,9 +11,11 @@ single process would make on the whole global batch. Only rank 0 writes checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ class StageSettings:
     plateau_patience: int = 2
     plateau_factor: float = 0.5
     decay: str = "none"  # "cosine": after warmup, the LR follows a half cosine to 0 over the token budget
+    micro_batch_tokens: int | None = None  # forward/backward in pieces of at most this many padded tokens
 
 
 @dataclass
@@ -264,12 +267,23 @@ def train_stage(
         # by world_size * my_tokens / all_tokens makes the update the one-process update on the whole batch
         # (in one process the scale is exactly 1).
         share = loss_tokens(loss_fn, mine) / max(loss_tokens(loss_fn, batch), 1)
-        local = train_loss(mine)
-        (loss,) = distributed.all_reduce_sum([float(local.detach()) * share])
+        optimizer.zero_grad(set_to_none=True)
+        local_loss = 0.0
+        # Micro-batches bound the activations kept for backward; the weighted sum of their token-mean losses
+        # is the token mean over the whole batch, so the update is the same (gradient accumulation).
+        pieces = [mine] if sharded else micro_batches(mine, settings.micro_batch_tokens)
+        mine_tokens = max(loss_tokens(loss_fn, mine), 1)
+        with _out_of_memory_explained(settings, pieces[0]):
+            for index, piece in enumerate(pieces):
+                weight = loss_tokens(loss_fn, piece) / mine_tokens
+                last = index == len(pieces) - 1
+                with contextlib.nullcontext() if last or not hasattr(train_loss, "no_sync") else train_loss.no_sync():
+                    local = train_loss(piece)
+                    local_loss += float(local.detach()) * weight
+                    (local * (weight * share * distributed.world_size())).backward()
+        (loss,) = distributed.all_reduce_sum([local_loss * share])
         if not math.isfinite(loss):
             raise TrainingError(_diverged(settings.name, "loss", loss, state, checkpoint_path))
-        optimizer.zero_grad(set_to_none=True)
-        (local * (share * distributed.world_size())).backward()
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(list(parameters.values()), settings.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise TrainingError(_diverged(settings.name, "gradient norm", float(grad_norm), state, checkpoint_path))
@@ -302,6 +316,33 @@ def train_stage(
     result.first_eval_loss = state["first_eval_loss"]
     result.history = history
     return result
+
+
+def micro_batches(batch: Batch, max_tokens: int | None) -> list[Batch]:
+    """``batch`` cut into consecutive groups of rows of at most ``max_tokens`` padded tokens (≥ one row each)."""
+    rows, length = batch.input_ids.shape
+    if max_tokens is None or rows * length <= max_tokens:
+        return [batch]
+    per_piece = max(1, max_tokens // length)
+    return [Batch(batch.input_ids[i:i + per_piece], batch.attention_mask[i:i + per_piece], batch.labels[i:i + per_piece])
+            for i in range(0, rows, per_piece)]
+
+
+@contextmanager
+def _out_of_memory_explained(settings: StageSettings, batch: Batch):
+    """An allocation failure becomes a TrainingError that says what to change (the step is not half-applied:
+    the optimizer has not stepped). The kernel's OOM killer gives no such chance: see ``check_memory``."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "not enough memory" not in str(err) and \
+                "out of memory" not in str(err).lower():
+            raise
+        raise TrainingError(
+            f"{settings.name}: out of memory in a micro-batch of {batch.input_ids.shape[0]} rows × "
+            f"{batch.input_ids.shape[1]} tokens ({err.__class__.__name__}). Lower --micro-batch-tokens (now "
+            f"{settings.micro_batch_tokens}) or --seq-len, or use --dtype bfloat16; then run again with --resume"
+        ) from None
 
 
 def _diverged(stage: str, what: str, value: float, state: dict, checkpoint_path: Path) -> str:
