@@ -1,6 +1,7 @@
 """Every fast path of lolcats.ops against its quadratic reference."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -23,6 +24,21 @@ from lolcats.ops import (
 )
 
 RTOL = 1e-5
+# The recurrent (decode) tests run on LOLCATS_TEST_DEVICE with q/k/v in LOLCATS_TEST_DTYPE (default: cpu,
+# float32; benchmarks/gpu_check.sh sets cuda, bfloat16). Their references are computed in fp32 on the CPU
+# from the same rounded inputs, so in bf16 only the output rounding and accumulation order differ: 2**-7.
+TEST_DEVICE = torch.device(os.environ.get("LOLCATS_TEST_DEVICE", "cpu"))
+TEST_DTYPE = getattr(torch, os.environ.get("LOLCATS_TEST_DTYPE", "float32"))
+STEP_RTOL = RTOL if TEST_DTYPE == torch.float32 else 2**-7
+
+
+def rounded(*tensors):
+    """Inputs as the test dtype would hold them, in fp32 on the CPU (for references)."""
+    return [t.to(TEST_DTYPE).float() for t in tensors]
+
+
+def on_test_device(*tensors, dtype=None):
+    return [t.to(TEST_DEVICE, dtype or TEST_DTYPE) for t in tensors]
 
 
 def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -50,7 +66,7 @@ def feature_function(heads, head_dim, feature_dim, seed=0):
     weight = torch.randn(head_dim, feature_dim, generator=torch.Generator().manual_seed(seed))
 
     def phi(x):
-        return torch.softmax(expand_heads(x, heads).float() @ weight, dim=-1)
+        return torch.softmax(expand_heads(x, heads).float() @ weight.to(x.device), dim=-1)
 
     return phi
 
@@ -248,20 +264,135 @@ def test_memory_of_chunked_path_has_no_quadratic_tensor():
     assert math.isfinite(max(sizes))
 
 
-@pytest.mark.parametrize("window", [Window("terrace", 8), Window("sliding", 8), Window("none")])
+WINDOWS = [Window("terrace", 8), Window("sliding", 8), Window("none")]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("prompt", [1, 7, 8, 9, 16, 23, 40])
 def test_state_from_prefix_continues_like_stepping(window, prompt):
     """Prefill (state built from the whole prompt at once) then decode equals decoding from scratch."""
     q, k, v, _, _, gamma = make_inputs(2, 4, 2, 50, 8, 6, seed=prompt)
+    q, k, v = rounded(q, k, v)
     phi = feature_function(4, 8, 6, seed=prompt)
     fq, fk = phi(q), phi(k)
     start = torch.tensor([0, min(3, prompt - 1)])
-    kwargs = dict(window=window, scaling=0.3, gamma=gamma)
-    expected = hybrid_attention_reference(q, k, v, fq, fk, start=start, **kwargs)
+    kwargs = dict(window=window, scaling=0.3)
+    expected = hybrid_attention_reference(q, k, v, fq, fk, start=start, gamma=gamma, **kwargs)
+    q, k, v = on_test_device(q, k, v)
+    fq, fk, gamma = on_test_device(fq, fk, gamma, dtype=torch.float32)  # feature maps give fp32
+    cache = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
+                                        num_heads=4, start=start.to(TEST_DEVICE))
+    assert cache.columns == prompt and cache.lengths.tolist() == [prompt, prompt - int(start[1])]
+    assert cache.keys.dtype == TEST_DTYPE and cache.state.dtype == torch.float32
+    steps = [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t],
+                                   key_features=phi, gamma=gamma, **kwargs)
+             for t in range(prompt, 50)]
+    assert steps[0].dtype == TEST_DTYPE
+    assert max_relative_error(torch.stack(steps, dim=2).float().cpu(), expected[:, :, prompt:]) <= STEP_RTOL
+
+
+def step_through(cache, q, k, v, fq, fk, start, columns, phi, **kwargs):
+    """hybrid_attention_step over the given columns, with rows starting at ``start`` (left padding)."""
+    return [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], t >= start,
+                                  key_features=phi, **kwargs)
+            for t in columns]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("prompt", [1, 5, 8, 13, 16, 17, 31])
+def test_state_from_prefix_is_the_state_steps_reach(window, prompt):
+    """Every tensor of the prefill state (S, z, the terrace's S_next and z_next, ring, positions, counters)
+    equals the state after stepping through the same prompt, left-padded rows included."""
+    q, k, v, _, _, gamma = make_inputs(3, 4, 2, prompt, 8, 6, seed=prompt)
+    q, k, v = on_test_device(q, k, v)
+    phi = feature_function(4, 8, 6, seed=prompt)
+    fq, fk = phi(q), phi(k)
+    gamma = gamma.to(TEST_DEVICE)
+    start = torch.tensor([0, min(3, prompt - 1), prompt], device=TEST_DEVICE)  # the last row is all padding
+    stepped = RecurrentState.empty(3, 4, 2, 8, 8, 6, window, dtype=TEST_DTYPE, device=TEST_DEVICE)
+    step_through(stepped, q, k, v, fq, fk, start, range(prompt), phi, window=window, gamma=gamma)
+    built = recurrent_state_from_prefix(k, v, fk, window=window, num_heads=4, start=start)
+    assert built.columns == stepped.columns == prompt
+    assert set(built.tensors()) == set(stepped.tensors())
+    for name, tensor in stepped.tensors().items():
+        if tensor.is_floating_point():
+            assert torch.allclose(built.tensors()[name], tensor, rtol=1e-5, atol=1e-6), name
+        else:
+            assert torch.equal(built.tensors()[name], tensor), name
+    assert (built.pending_state is not None) == (window.kind == "terrace")
+
+
+@pytest.mark.parametrize("window", [Window("terrace", 8), Window("sliding", 8)])
+def test_each_key_passes_through_phi_once(window):
+    """Decode computes φ of one key per row and step: the key at p − size, which is leaving the window
+    (sliding) or will leave it with its block (terrace); never the whole ring. Over N steps after a prompt,
+    the keys through φ are exactly the N per row that left (or are about to leave), each once."""
+    batch, size, prompt, steps = 2, window.size, 24, 16
+    q, k, v, _, _, gamma = make_inputs(batch, 4, 2, prompt + steps, 8, 6, seed=1)
+    q, k, v = rounded(q, k, v)
+    phi = feature_function(4, 8, 6)
+    fq, fk = phi(q), phi(k)
+    start = torch.tensor([0, 3])
+    expected = real_rows(hybrid_attention_reference(q, k, v, fq, fk, window=window, gamma=gamma, start=start), start)
+    q, k, v = on_test_device(q, k, v)
+    fq, fk, gamma, start = (x.to(TEST_DEVICE) for x in (fq, fk, gamma, start))
+    through_phi = []
+
+    def counting_phi(keys):
+        through_phi.append(keys.clone())
+        return phi(keys)
+
     cache = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
                                         num_heads=4, start=start)
-    assert cache.columns == prompt and cache.lengths.tolist() == [prompt, prompt - int(start[1])]
-    steps = [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t],
-                                   key_features=phi, **kwargs)
-             for t in range(prompt, 50)]
-    assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL
+    out = step_through(cache, q, k, v, fq, fk, start, range(prompt, prompt + steps), counting_phi,
+                       window=window, gamma=gamma)
+    passed = torch.cat(through_phi, dim=2)  # (B, Hkv, keys, D)
+    assert sum(x.shape[0] * x.shape[2] for x in through_phi) == batch * steps  # R = 2·size or size per step before
+    assert torch.equal(passed, k[:, :, prompt - size : prompt + steps - size])
+    # The keys that left the window of the last query since the prompt's last query, plus (terrace) those
+    # folded ahead into S_next, are exactly these: nothing was folded twice or missed.
+    assert max_relative_error(torch.stack(out, dim=2).float().cpu(), expected[:, :, prompt:]) <= STEP_RTOL
+
+
+def tiny_step_inputs(length=20):
+    window = Window("terrace", 4)
+    q, k, v, _, _, gamma = make_inputs(2, 4, 2, length, 8, 6, seed=4)
+    q, k, v = on_test_device(q, k, v)
+    phi = feature_function(4, 8, 6, seed=4)
+    start = torch.tensor([0, 3], device=TEST_DEVICE)
+    return window, q, k, v, phi(q), phi(k), gamma.to(TEST_DEVICE), start, phi
+
+
+def compiled_step_matches_eager(backend):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    window, q, k, v, fq, fk, gamma, start, phi = tiny_step_inputs()
+    compiled = torch.compile(hybrid_attention_step, fullgraph=True, backend=backend)  # a graph break raises
+    eager_cache, compiled_cache = (RecurrentState.empty(2, 4, 2, 8, 8, 6, window, dtype=TEST_DTYPE, device=TEST_DEVICE)
+                                   for _ in range(2))
+    kwargs = dict(window=window, scaling=0.3, gamma=gamma, key_features=phi)
+    for t in range(q.shape[2]):  # across block boundaries (every 4 tokens) and a row's left padding
+        args = (q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], None, t >= start)
+        expected = hybrid_attention_step(eager_cache, *args, **kwargs)
+        got = compiled(compiled_cache, *args, **kwargs)
+        assert max_relative_error(got.float(), expected.float()) <= STEP_RTOL, t
+    for name, tensor in eager_cache.tensors().items():
+        assert torch.allclose(compiled_cache.tensors()[name].float(), tensor.float(), rtol=1e-5, atol=1e-6), name
+    assert compiled_cache.columns == eager_cache.columns == q.shape[2]
+    # One graph, and one more once the host column counter is seen to change (then it is symbolic).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+def test_step_traces_as_one_graph():
+    """The decode step has no graph break (no host sync, no data-dependent branch): fullgraph tracing
+    through AOT autograd's functionalisation of the in-place state updates, on the CPU in seconds."""
+    compiled_step_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_step_compiles_with_inductor():
+    """The same with inductor's code generation (about 80 s on 2 CPU cores, hence slow; on cuda with
+    LOLCATS_TEST_DEVICE=cuda, benchmarks/gpu_check.sh runs it)."""
+    compiled_step_matches_eager("inductor")

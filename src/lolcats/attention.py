@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .feature_maps import make_feature_map
+from .feature_maps import fp32_preserving, make_feature_map
 from .cache import LinearizedCache, RecurrentLayer
 from .families import AttentionFamily
 from .ops import (
@@ -184,15 +184,22 @@ class LinearizedAttention(nn.Module):
             self.feature_map_q = feature_map()
             self.feature_map_k = feature_map()
         gamma_logit = math.log(config.gamma_init / (1 - config.gamma_init))
-        self.window_logit = nn.Parameter(torch.full((self.num_heads,), gamma_logit))
+        # fp32 whatever the default dtype (transformers builds bf16 models under a bf16 default).
+        self.window_logit = nn.Parameter(torch.full((self.num_heads,), gamma_logit, dtype=torch.float32))
         self.mode: AttentionMode = "linear"
         self.distill_loss: torch.Tensor | None = None
-        # Optional extras of distill mode; both materialise L×L attention weights (quadratic memory).
+        # Optional extra of distill mode; it materialises L×L attention weights (quadratic memory).
         self.attention_ce_weight = 0.0
         self.attention_ce: torch.Tensor | None = None
+        # Diagnostic: per head, the mean attention mass on the linear term (from the chunked path, O(L) memory).
         self.record_linear_share = False
         self.linear_share: torch.Tensor | None = None
         self._context = context
+
+    def _apply(self, fn, recurse=True):
+        """Casts reach the frozen projections; γ's logit (like φ, see feature_maps) stays fp32 in a bf16 model."""
+        logit, keep = self.window_logit, fp32_preserving(fn)
+        return super()._apply(lambda tensor: keep(tensor) if tensor is logit else fn(tensor), recurse)
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -203,10 +210,11 @@ class LinearizedAttention(nn.Module):
         return softmax_attention(q, k, v, scaling=self.scaling, sliding_window=self.teacher_window, start=start)
 
     def features(self, q, k):
-        """φ(q) (B, H, L, F) and φ(k) of the keys repeated to the query heads; (None, None) without a linear term."""
+        """φ(q) (B, H, L, F) and φ(k) (B, H, L, F), each kv head's keys read by the query heads sharing it;
+        (None, None) without a linear term."""
         if not self.use_linear:
             return None, None
-        return self.feature_map_q(q), self.feature_map_k(expand_heads(k, self.num_heads))
+        return self.feature_map_q(q), self.feature_map_k(k)
 
     def _window_covers(self, length: int) -> bool:
         """Whether every key of a ``length``-token sequence is inside the softmax window of every later query.
@@ -219,17 +227,19 @@ class LinearizedAttention(nn.Module):
             return length <= 2 * self.window.size  # blocks 0 and 1 see everything before them
         return self.window.kind == "sliding" and length <= self.window.size
 
-    def student(self, q, k, v, start, features=None) -> torch.Tensor:
-        if self._window_covers(q.shape[2]):
+    def student(self, q, k, v, start, features=None, output_dtype=None) -> torch.Tensor:
+        if self._window_covers(q.shape[2]) and not self.record_linear_share:
             # No key is old enough for the linear term: the hybrid is exact causal softmax (γ cancels in
             # the normaliser), so short sequences (task scoring, short prompts) take the SDPA path.
             return softmax_attention(q, k, v, scaling=self.scaling, start=start)
         fq, fk = features if features is not None else self.features(q, k)
-        return hybrid_attention_chunked(
-            q, k, v, fq, fk,
-            window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
-            start=start, chunk_size=self.chunk_size,
-        )
+        attend = dict(window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
+                      start=start, chunk_size=self.chunk_size, output_dtype=output_dtype)
+        if not self.record_linear_share:
+            return hybrid_attention_chunked(q, k, v, fq, fk, **attend)
+        out, share = hybrid_attention_chunked(q, k, v, fq, fk, **attend, return_linear_share=True)
+        self.linear_share = _mean_over_real_queries(share.detach(), start)
+        return out
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         batch, length, _ = hidden_states.shape
@@ -239,14 +249,11 @@ class LinearizedAttention(nn.Module):
             out = self._decode(q, k, v, layer_cache)
         elif self.mode == "linear":
             start = self._context.row_starts(batch, length, hidden_states.device)
-            needed = layer_cache is not None or not self._window_covers(length)
+            needed = layer_cache is not None or self.record_linear_share or not self._window_covers(length)
             features = self.features(q, k) if needed else (None, None)
             out = self.student(q, k, v, start, features)
             if layer_cache is not None:
                 self._prefill(layer_cache, k, v, features[1], start)
-            if self.record_linear_share:
-                with torch.no_grad():
-                    self.linear_share = self._linear_share(q, k, start)
         elif layer_cache is not None:
             raise ValueError(f"a cache is only filled in linear mode, not {self.mode!r}: call with use_cache=False")
         elif self.mode == "softmax":
@@ -255,7 +262,8 @@ class LinearizedAttention(nn.Module):
             start = self._context.row_starts(batch, length, hidden_states.device)
             with torch.no_grad():
                 out = self.teacher(q, k, v, start)
-            predicted = self.student(q, k, v, start)
+            # fp32 student output: the loss compares it before any rounding to the model's dtype.
+            predicted = self.student(q, k, v, start, output_dtype=torch.float32)
             self.distill_loss = _masked_mse(predicted, out, start)
             if self.attention_ce_weight > 0:
                 self.attention_ce = self._attention_cross_entropy(q, k, start)
@@ -296,11 +304,15 @@ class LinearizedAttention(nn.Module):
         fq = self.feature_map_q(q) if self.use_linear else None
         # With a window, φ(k) is only needed as keys leave it; without one, every key is folded at once.
         fk = self.feature_map_k(expand_heads(k, self.num_heads)) if self.window.kind == "none" else None
+        if real is not None:
+            # Checked once per forward, not per token (the steps themselves never synchronise with the host):
+            # a padding token must come before every real token of its row, earlier calls included.
+            seen_real = (state.lengths > 0)[:, None] | real.long().cummax(1).values.bool()
+            if bool((~real & seen_real).any()):
+                raise ValueError("attention_mask marks padding after a row's real tokens; pad on the left only")
         outputs = []
         for t in range(q.shape[2]):
             real_t = None if real is None else real[:, t]
-            if real_t is not None and bool((~real_t & (state.lengths > 0)).any()):
-                raise ValueError("attention_mask marks padding after a row's real tokens; pad on the left only")
             outputs.append(hybrid_attention_step(
                 state, q[:, :, t], k[:, :, t], v[:, :, t],
                 None if fq is None else fq[:, :, t], None if fk is None else fk[:, :, t], real_t,
@@ -312,7 +324,7 @@ class LinearizedAttention(nn.Module):
     def _student_weights(self, q, k, start):
         fq = fk = None
         if self.use_linear:
-            fq, fk = self.feature_map_q(q), self.feature_map_k(expand_heads(k, self.num_heads))
+            fq, fk = self.features(q, k)
         return hybrid_attention_weights(
             q, k, fq, fk, window=self.window, scaling=self.scaling, gamma=self.gamma,
             use_linear=self.use_linear, start=start,
@@ -329,13 +341,6 @@ class LinearizedAttention(nn.Module):
         real = _real_queries(start, q.shape[2], per_query.dtype)
         return (per_query.mean(1) * real).sum() / real.sum().clamp(min=1)
 
-    def _linear_share(self, q, k, start) -> torch.Tensor:
-        """Per head: the mean over real queries of the attention mass that goes to the linear term."""
-        _, linear_part = self._student_weights(q, k, start)
-        real = _real_queries(start, q.shape[2], linear_part.dtype)
-        share = linear_part.sum(-1)  # (B, H, L)
-        return (share * real[:, None]).sum((0, 2)) / real.sum().clamp(min=1)
-
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer_idx}, mode={self.mode}, window={self.window}, linear={self.use_linear}, "
@@ -346,6 +351,12 @@ class LinearizedAttention(nn.Module):
 def _real_queries(start: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) weights: 1 for real positions, 0 for left padding."""
     return (torch.arange(length, device=start.device)[None, :] >= start[:, None]).to(dtype)
+
+
+def _mean_over_real_queries(per_query: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """(B, H, L) -> (H,): the mean over real (non-padding) queries."""
+    real = _real_queries(start, per_query.shape[2], per_query.dtype)
+    return (per_query * real[:, None]).sum((0, 2)) / real.sum().clamp(min=1)
 
 
 def _masked_mse(predicted: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""Decode benchmark: prefill time, per-token latency, cache bytes and peak memory against context length."""
+"""Decode benchmark: prefill time, per-token latency, cache bytes and peak memory against context length.
+
+Models are measured where they are (CPU or CUDA). On CUDA, timings synchronise the device before the clock
+is read, and peak device memory (torch.cuda.max_memory_allocated after reset_peak_memory_stats) is reported
+beside the process's peak RSS; on the CPU those device figures are None.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +45,30 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_device(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return True
+
+
+def _peak_device_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
 def _prompt(model, context: int, seed: int = 0) -> torch.Tensor:
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(seed))
@@ -54,13 +83,17 @@ def _prefill(model, context: int):
 
 @torch.no_grad()
 def measure_prefill(model, context: int) -> dict:
-    """Prefill ``context`` random tokens alone: wall time and the process's peak RSS during it."""
+    """Prefill ``context`` random tokens alone: wall time, the process's peak RSS and (CUDA) the peak device
+    memory allocated during it (the model's weights included)."""
+    device = _device(model)
     reset = _reset_peak_rss()
+    _reset_peak_device(device)
     started = time.perf_counter()
     cache, _ = _prefill(model, context)
+    _synchronize(device)
     prefill_s = time.perf_counter() - started
     return {"prefill_s": prefill_s, "peak_rss_bytes": _peak_rss_bytes() if reset else None,
-            "prefill_cache_bytes": cache_nbytes(cache)}
+            "peak_device_bytes": _peak_device_bytes(device), "prefill_cache_bytes": cache_nbytes(cache)}
 
 
 @torch.no_grad()
@@ -70,22 +103,38 @@ def measure_decode_steps(model, contexts: list[int], *, new_tokens: int = 16, wa
     All contexts are prefilled first; then every round decodes one token at each context in turn, so slow
     drift of a shared machine (frequency, neighbours, allocator state) hits every context alike. The
     reported figure is the median over ``new_tokens`` rounds after ``warmup``.
+
+    On CUDA, ``decode_peak_device_bytes`` is the peak device memory allocated while decoding at each
+    context; every context's cache is resident meanwhile, so it counts all of them (and the weights), and
+    ``decode_step_device_bytes`` is the most one step added on top of what was allocated before it.
     """
+    device = _device(model)
     states = [list(_prefill(model, context)) for context in contexts]
     timings: list[list[float]] = [[] for _ in contexts]
+    peaks: list[int | None] = [None for _ in contexts]
+    step_bytes: list[int | None] = [None for _ in contexts]
     for round_index in range(warmup + new_tokens):
-        for state, samples in zip(states, timings):
+        for index, (state, samples) in enumerate(zip(states, timings)):
             cache, token = state
+            measure_memory = _reset_peak_device(device)  # synchronises, outside the timed part
+            before = torch.cuda.memory_allocated(device) if measure_memory else 0
             started = time.perf_counter()
             out = model(token, cache=cache, use_cache=True)
             state[1] = out.logits[:, -1:].argmax(-1)
+            _synchronize(device)
             elapsed = time.perf_counter() - started
             state[0] = out.cache
             if round_index >= warmup:
                 samples.append(elapsed)
+                if measure_memory:
+                    peak = _peak_device_bytes(device)
+                    peaks[index] = max(peaks[index] or 0, peak)
+                    step_bytes[index] = max(step_bytes[index] or 0, peak - before)
     return {
         "ms_per_token": [1000 * statistics.median(samples) for samples in timings],
         "cache_bytes": [cache_nbytes(cache) for cache, _ in states],
+        "decode_peak_device_bytes": peaks,
+        "decode_step_device_bytes": step_bytes,
     }
 
 
@@ -93,16 +142,23 @@ def bench_decode(models: dict, contexts: list[int], *, new_tokens: int = 16, ech
     """``models``: name -> model (e.g. linearized, teacher). Result in the `lolcats bench decode` JSON layout."""
     result: dict = {"contexts": list(contexts), "new_tokens": new_tokens, "threads": torch.get_num_threads()}
     for name, model in models.items():
+        device = _device(model)
+        if device.type == "cuda":  # a string: object-valued keys of the result are models
+            result.setdefault("device_name", torch.cuda.get_device_name(device))
         prefills = []
         for context in contexts:
             row = measure_prefill(model, context)
             prefills.append(row)
             rss = f"{row['peak_rss_bytes'] / 2**20:.0f} MiB" if row["peak_rss_bytes"] else "n/a"
-            echo(f"{name:>10}  prefill {context:>6} tokens: {row['prefill_s']:7.2f} s, peak RSS {rss}")
+            gpu = f", peak device {row['peak_device_bytes'] / 2**20:.0f} MiB" if row["peak_device_bytes"] else ""
+            echo(f"{name:>10}  prefill {context:>6} tokens: {row['prefill_s']:7.2f} s, peak RSS {rss}{gpu}")
         decode = measure_decode_steps(model, contexts, new_tokens=new_tokens)
-        for context, ms, cache_bytes in zip(contexts, decode["ms_per_token"], decode["cache_bytes"]):
-            echo(f"{name:>10}  decode after {context:>6}: {ms:7.2f} ms/token, cache {cache_bytes / 2**20:8.2f} MiB")
-        result[name] = {**decode, **{key: [row[key] for row in prefills] for key in prefills[0]}}
+        for context, ms, cache_bytes, peak in zip(contexts, decode["ms_per_token"], decode["cache_bytes"],
+                                                  decode["decode_peak_device_bytes"]):
+            gpu = f", peak device {peak / 2**20:.0f} MiB" if peak else ""
+            echo(f"{name:>10}  decode after {context:>6}: {ms:7.2f} ms/token, cache {cache_bytes / 2**20:8.2f} MiB{gpu}")
+        result[name] = {**decode, **{key: [row[key] for row in prefills] for key in prefills[0]},
+                        "device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return result
 
 

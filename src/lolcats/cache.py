@@ -1,7 +1,10 @@
 """The generation cache of a linearized model, in transformers' Cache API.
 
-Per linearized layer it holds a ``RecurrentState``: the fp32 linear state (Σ φ(k)vᵀ, Σ φ(k)) and a
-ring of the window's recent keys/values, so its size does not depend on the context length. Layers
+Per linearized layer it holds a ``RecurrentState``: the fp32 linear state (Σ φ(k)vᵀ, Σ φ(k); a terrace
+window keeps a second pair for the keys of the block about to leave it) and a ring of the window's recent
+keys/values in the model's dtype, so its size does not depend on the context length. Decode steps update
+it in place with static shapes and no host synchronisation; only the column count that
+``get_seq_length`` reports is a host integer. Layers
 kept as softmax (``softmax_layers``, a family's local sliding-window layers) keep transformers' own
 cache layers (full, or sliding for sliding-window layers).
 

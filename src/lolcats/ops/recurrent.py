@@ -1,16 +1,26 @@
 """Recurrent hybrid attention: one token at a time with a constant-size state (the decode path).
 
 The state holds, per row:
-  S = Σ φ(k) vᵀ and z = Σ φ(k) (fp32) over every key that has left the softmax window, and
-  a ring of the last R columns' keys/values with their relative positions, R = lookback + 1
-  (2·size for the terrace, size for a sliding window, 0 without a window).
-Windows only move forward, so a key that leaves the current query's window never re-enters a later
-one: it is folded into (S, z) at that moment and its slot marked empty (relative position −1). Only
-then does φ(k) need computing, so the ring keeps no features: a terrace folds a whole block every
-``size`` tokens, a sliding window one key per token. The ring is indexed by column (slot = column
-mod R), the same slot for every row of a batch; rows may be padded on the left only, and a padding
-column leaves its slot empty. This reproduces the window of training exactly, including the
-terrace's size+1 … 2·size visible keys.
+  S = Σ φ(k) vᵀ and z = Σ φ(k) (fp32) over every key that has left the softmax window,
+  a ring of the last R columns' keys/values (model dtype) with their relative positions, R = lookback + 1
+  (2·size for the terrace, size for a sliding window, 0 without a window), and
+  for the terrace only, (S_next, z_next): the same sums over the keys of the previous block that the
+  current block has already passed by ``size`` positions; they join (S, z) when the next block starts.
+
+Windows only move forward, and a key leaves them ``size`` positions after it could first be folded:
+the step for relative position p folds the one key at p − size, exactly once, into
+  sliding: (S, z), since it has just left the window (it sits in the slot about to be overwritten);
+  terrace: (S_next, z_next), since it leaves with the rest of its block when block(p) + 1 begins.
+So φ is computed on one key per row and step, never on the whole ring, and the ring keeps no features.
+The ring is indexed by column (slot = column mod R), the same slot for every row of a batch; rows may be
+padded on the left only, so a row's relative position and the column differ by a constant and the key
+at relative p − size is in slot (column − size) mod R for every row. A padding column writes its slot
+with position −1 and changes nothing else. The softmax part reads the slots whose position lies in the
+window, which reproduces the window of training exactly, including the terrace's size+1 … 2·size keys.
+
+A step has static shapes and no host synchronisation: the column is also kept as a tensor, slots are
+gathered and scattered by tensor index, and block boundaries are per-row masks. Only ``columns`` (a
+Python int for the cache's get_seq_length) is bumped on the host; it is never read inside the step.
 """
 
 from __future__ import annotations
@@ -25,13 +35,16 @@ from .common import Window, check_inputs, gamma_per_head, normalise, row_starts,
 
 @dataclass
 class RecurrentState:
-    state: torch.Tensor  # (B, H, F, Dv) fp32: Σ φ(k) vᵀ over folded keys
-    norm: torch.Tensor  # (B, H, F) fp32: Σ φ(k) over folded keys
-    keys: torch.Tensor  # (B, Hkv, R, D) ring of recent keys
+    state: torch.Tensor  # (B, H, F, Dv) fp32: Σ φ(k) vᵀ over keys outside the window
+    norm: torch.Tensor  # (B, H, F) fp32: Σ φ(k) over keys outside the window
+    keys: torch.Tensor  # (B, Hkv, R, D) ring of recent keys (model dtype)
     values: torch.Tensor  # (B, Hkv, R, Dv)
-    slot_positions: torch.Tensor  # (B, R) relative position held by each slot, −1 when empty
+    slot_positions: torch.Tensor  # (B, R) relative position held by each slot, −1 when empty or padding
     lengths: torch.Tensor  # (B,) real tokens seen per row: the relative position of the next one
-    columns: int = 0  # tokens seen per row, padding included: the column of the next one
+    column: torch.Tensor  # (B,) long, equal in every row: the column of the next token (ring slots)
+    pending_state: torch.Tensor | None = None  # terrace: (B, H, F, Dv) fp32, S_next
+    pending_norm: torch.Tensor | None = None  # terrace: (B, H, F) fp32, z_next
+    columns: int = 0  # host copy of ``column``, for get_seq_length()
 
     @classmethod
     def empty(
@@ -48,6 +61,7 @@ class RecurrentState:
         device: torch.device | str = "cpu",
     ) -> "RecurrentState":
         ring = window.lookback + 1
+        terrace = window.kind == "terrace"
         return cls(
             state=torch.zeros(batch, num_heads, feature_dim, value_dim, device=device),
             norm=torch.zeros(batch, num_heads, feature_dim, device=device),
@@ -55,6 +69,9 @@ class RecurrentState:
             values=torch.zeros(batch, num_kv_heads, ring, value_dim, dtype=dtype, device=device),
             slot_positions=torch.full((batch, ring), -1, dtype=torch.long, device=device),
             lengths=torch.zeros(batch, dtype=torch.long, device=device),
+            column=torch.zeros(batch, dtype=torch.long, device=device),
+            pending_state=torch.zeros(batch, num_heads, feature_dim, value_dim, device=device) if terrace else None,
+            pending_norm=torch.zeros(batch, num_heads, feature_dim, device=device) if terrace else None,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -74,14 +91,21 @@ def _by_kv_group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return x.view(x.shape[0], num_kv_heads, x.shape[1] // num_kv_heads, *x.shape[2:])
 
 
-def _expand(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, Hkv, X) -> (B, H, X)."""
-    groups = num_heads // x.shape[1]
-    return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+def _slot_index(slot: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+    """(B,) slot per row -> an index into dim 2 of ``ring`` (B, Hkv, R, X) that picks that slot."""
+    return slot.view(-1, 1, 1, 1).expand(ring.shape[0], ring.shape[1], 1, ring.shape[3])
+
+
+def _fold(state: torch.Tensor, norm: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> None:
+    """state += φ(k) vᵀ, norm += φ(k) in place, for one key per row: fk (B, H, F) fp32, v (B, Hkv, Dv)."""
+    num_kv_heads = v.shape[1]
+    outer = _by_kv_group(fk, num_kv_heads).unsqueeze(-1) * v.float()[:, :, None, None, :]  # (B, Hkv, G, F, Dv)
+    state += outer.flatten(1, 2)
+    norm += fk
 
 
 KeyFeatures = Callable[[torch.Tensor], torch.Tensor]
-"""φ of ring keys: (B, Hkv, R, D) -> (B, H, R, F), for keys as they leave the window."""
+"""φ of keys: (B, Hkv, 1, D) -> (B, H, 1, F), called once per step on the key that leaves the window."""
 
 
 @torch.no_grad()
@@ -108,21 +132,28 @@ def recurrent_state_from_prefix(
     lengths = (length - starts).clamp(min=0)
     relative = torch.arange(length, device=v.device)[None, :] - starts[:, None]  # (B, L)
     real = relative >= 0
-    # Keys outside the window of each row's last query have been folded; the rest are in the ring.
-    in_window = real & window.contains((lengths - 1)[:, None], relative)
+    last = (lengths - 1)[:, None]  # each row's last query (−1 for a row of padding only)
+    in_window = real & window.contains(last, relative)
     if fk is not None:
-        folded = (real & ~in_window).to(torch.float32)
-        folded_fk = _by_kv_group(fk.float() * folded[:, None, :, None], num_kv_heads)  # (B, Hkv, G, L, F)
-        cache.state = torch.einsum("bkglf,bkld->bkgfd", folded_fk, v.float()).flatten(1, 2)
-        cache.norm = folded_fk.sum(3).flatten(1, 2)
+        def sums(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            weighted = _by_kv_group(fk.float() * mask.to(torch.float32)[:, None, :, None], num_kv_heads)
+            state = torch.einsum("bkglf,bkld->bkgfd", weighted, v.float()).flatten(1, 2)
+            return state, weighted.sum(3).flatten(1, 2)
+
+        # Keys outside the window of each row's last query are in (S, z) ...
+        cache.state, cache.norm = sums(real & ~in_window)
+        if window.kind == "terrace":
+            # ... and the steps so far have folded the keys up to last − size into (S_next, z_next).
+            cache.pending_state, cache.pending_norm = sums(in_window & (relative <= last - window.size))
     ring = window.lookback + 1
     if ring > 0:
         recent = torch.arange(max(0, length - ring), length, device=v.device)
         slots = recent % ring
         cache.keys[:, :, slots] = k[:, :, recent]
         cache.values[:, :, slots] = v[:, :, recent].to(cache.values.dtype)
-        cache.slot_positions[:, slots] = torch.where(in_window[:, recent], relative[:, recent], -1)
+        cache.slot_positions[:, slots] = torch.where(real[:, recent], relative[:, recent], -1)
     cache.lengths = lengths
+    cache.column.fill_(length)
     cache.columns = length
     return cache
 
@@ -147,7 +178,8 @@ def hybrid_attention_step(
 
     q (B, H, D), k (B, Hkv, D), v (B, Hkv, Dv), fq (B, H, F); ``real`` (B,) bool marks rows whose
     token is real (None: all are); a padding token is no key and its output is zero. With a window,
-    ``key_features`` computes φ of the keys leaving it; without one, ``fk`` (B, H, F) is folded at once.
+    ``key_features`` computes φ of the one key per row that leaves it (B, Hkv, 1, D) -> (B, H, 1, F);
+    without one, ``fk`` (B, H, F) is folded at once. Static shapes, no host synchronisation.
     """
     num_kv_heads = v.shape[1]
     num_heads = cache.state.shape[1]
@@ -158,28 +190,47 @@ def hybrid_attention_step(
         return x if real_weight is None else x * real_weight
 
     if window.kind == "none":
-        fq, fk = fq.float(), only_real(fk.float())
-        cache.state += fk.unsqueeze(-1) * _expand(v.float(), num_heads).unsqueeze(-2)
-        cache.norm += fk
+        fq = fq.float()
+        _fold(cache.state, cache.norm, only_real(fk.float()), v)
         num = (fq.unsqueeze(-2) @ cache.state).squeeze(-2)
         out = normalise(num, (fq * cache.norm).sum(-1))
     else:
         if use_linear and key_features is None:
             raise ValueError("a windowed recurrent step with a linear term needs key_features")
-        leaving = (cache.slot_positions >= 0) & ~window.contains(position[:, None], cache.slot_positions)  # (B, R)
-        if bool(leaving.any()):
-            if use_linear:
-                leaving_fk = key_features(cache.keys).float() * leaving[:, None, :, None]  # (B, H, R, F)
-                grouped = _by_kv_group(leaving_fk, num_kv_heads)  # (B, Hkv, G, R, F)
-                cache.state += torch.einsum("bkgrf,bkrd->bkgfd", grouped, cache.values.float()).flatten(1, 2)
-                cache.norm += leaving_fk.sum(2)
-            cache.slot_positions.masked_fill_(leaving, -1)
-        slot = cache.columns % cache.slot_positions.shape[1]
-        cache.keys[:, :, slot] = k
-        cache.values[:, :, slot] = v
-        cache.slot_positions[:, slot] = position if real is None else torch.where(real, position, -1)
+        ring = cache.slot_positions.shape[1]
+        slot = cache.column % ring  # (B,), the same in every row
+        if use_linear:
+            # The key at relative p − size (column − size): it leaves a sliding window now, and a terrace
+            # window with the rest of its block when the next block starts. Fold it before its slot is
+            # overwritten (a sliding window's ring is exactly ``size`` long).
+            leaving = (cache.column - window.size) % ring
+            leaving_position = cache.slot_positions.gather(1, leaving[:, None]).squeeze(1)  # (B,)
+            weight = leaving_position >= 0
+            if real is not None:
+                weight = weight & real
+            leaving_key = cache.keys.gather(2, _slot_index(leaving, cache.keys))  # (B, Hkv, 1, D)
+            leaving_value = cache.values.gather(2, _slot_index(leaving, cache.values)).squeeze(2)  # (B, Hkv, Dv)
+            leaving_fk = key_features(leaving_key).squeeze(2).float() * weight.to(torch.float32)[:, None, None]
+            if window.kind == "terrace":
+                # A real query that starts a block: the previous block's keys have all left its window.
+                boundary = position % window.size == 0
+                if real is not None:
+                    boundary = boundary & real
+                boundary = boundary.to(torch.float32)
+                cache.state += cache.pending_state * boundary[:, None, None, None]
+                cache.norm += cache.pending_norm * boundary[:, None, None]
+                cache.pending_state *= (1 - boundary)[:, None, None, None]
+                cache.pending_norm *= (1 - boundary)[:, None, None]
+                _fold(cache.pending_state, cache.pending_norm, leaving_fk, leaving_value)
+            else:
+                _fold(cache.state, cache.norm, leaving_fk, leaving_value)
+        cache.keys.scatter_(2, _slot_index(slot, cache.keys), k.to(cache.keys.dtype).unsqueeze(2))
+        cache.values.scatter_(2, _slot_index(slot, cache.values), v.to(cache.values.dtype).unsqueeze(2))
+        held = position if real is None else torch.where(real, position, -1)
+        cache.slot_positions.scatter_(1, slot[:, None], held[:, None])
 
-        in_window = (cache.slot_positions >= 0)[:, None, :]  # (B, 1, R): every held key is in the window
+        held = cache.slot_positions
+        in_window = ((held >= 0) & window.contains(position[:, None], held))[:, None, :]  # (B, 1, R)
         grouped_q = _by_kv_group(q.float(), num_kv_heads)  # (B, Hkv, G, D)
         scores = (grouped_q @ cache.keys.float().transpose(-1, -2)).flatten(1, 2) * scaling  # (B, H, R)
         weights = gamma_per_head(gamma, num_heads, v.device).view(1, num_heads, 1) * softmax_terms(scores, in_window)
@@ -190,8 +241,9 @@ def hybrid_attention_step(
             num = num + (fq.unsqueeze(-2) @ cache.state).squeeze(-2)
             den = den + (fq * cache.norm).sum(-1)
         out = normalise(num, den)
+    cache.column += 1
     cache.columns += 1
-    cache.lengths = position + (1 if real is None else real.long())
+    cache.lengths += 1 if real is None else real.long()
     return only_real(out).to(v.dtype)
 
 
@@ -210,8 +262,8 @@ def hybrid_attention_recurrent(
 ) -> torch.Tensor:
     """Whole sequences through ``hybrid_attention_step``, token by token.
 
-    φ(k) is given here for every position rather than as a function of k, so the ring's features are
-    kept beside the state and handed to the step as its ``key_features``.
+    φ(k) is given here for every position rather than as a function of k, so the step's ``key_features``
+    hands back the given features of the key it asks for: the one at column t − size.
     """
     check_inputs(q, k, v, fq, fk, window, use_linear)
     batch, num_kv_heads, length, value_dim = v.shape
@@ -221,22 +273,24 @@ def hybrid_attention_recurrent(
         batch, num_heads, num_kv_heads, k.shape[-1] if k is not None else 1, value_dim, feature_dim, window,
         dtype=torch.float32, device=v.device,
     )
-    ring = window.lookback + 1
-    ring_features = torch.zeros(batch, num_heads, max(ring, 0), feature_dim, device=v.device)
     starts = row_starts(start, batch, v.device)
+    no_key = torch.zeros(batch, num_heads, 1, feature_dim, device=v.device)
 
     def column(x: torch.Tensor | None, t: int) -> torch.Tensor | None:
         return x[:, :, t] if x is not None else None
+
+    def leaving_features(t: int) -> KeyFeatures:
+        # Before column ``size`` the leaving slot is empty (its weight is 0): any features will do.
+        leaving = t - window.size
+        return lambda _key: fk[:, :, leaving : leaving + 1] if leaving >= 0 else no_key
 
     outputs = []
     for t in range(length):
         outputs.append(hybrid_attention_step(
             cache, column(q, t), column(k, t), v[:, :, t], column(fq, t), column(fk, t), t >= starts,
             window=window, scaling=scaling, gamma=gamma, use_linear=use_linear,
-            key_features=lambda _keys: ring_features,
+            key_features=leaving_features(t),
         ))
-        if ring > 0 and fk is not None:
-            ring_features[:, :, t % ring] = fk[:, :, t].float()
     return torch.stack(outputs, dim=2)
 
 
