@@ -58,7 +58,7 @@ def main() -> None:
             out = ROOT / "runs" / "export" / f"{label}-{dtype}"
             if not out.exists():
                 started = time.perf_counter()
-                export(directory, out, merge_lora=True, dtype=dtype, echo=lambda _: None)
+                export(directory, out, dtype=dtype, echo=lambda _: None)
                 row[f"export_s_{dtype}"] = round(time.perf_counter() - started, 1)
             row[dtype] = {"bytes": size(out), "load_s": round(load_seconds("export", str(out)), 2)}
         rows.append(row)

@@ -25,7 +25,7 @@ from lolcats.export import export  # noqa: E402
 def main() -> None:
     directory, pythons = Path(sys.argv[1]), sys.argv[2:]
     work = Path(tempfile.mkdtemp())
-    folder = export(directory, work / "hf", merge_lora=True, echo=lambda _: None)
+    folder = export(directory, work / "hf", echo=lambda _: None)
     ids = torch.randint(3, 500, (2, 300), generator=torch.Generator().manual_seed(0))
     torch.save(ids, work / "ids.pt")
     (work / "standalone.py").write_text(STANDALONE)

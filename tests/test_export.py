@@ -1,9 +1,11 @@
 """`lolcats export`: a standalone HF folder that loads without lolcats and matches lolcats.load."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,7 +67,7 @@ def greedy_by_full_forwards(model, ids: torch.Tensor, steps: int) -> torch.Tenso
 
 
 def test_export_loads_without_lolcats_and_matches_lolcats_load(linearized, tmp_path):
-    folder = export(linearized, tmp_path / "hf", merge_lora=True, echo=lambda _: None)
+    folder = export(linearized, tmp_path / "hf", echo=lambda _: None)
     ids = torch.randint(3, 512, (2, 300), generator=torch.Generator().manual_seed(0))
     got = run_standalone(folder, ids, tmp_path)
     assert got["loaded"] == [] and got["model_class"] == "LolcatsForCausalLM"
@@ -82,7 +84,7 @@ def test_export_loads_without_lolcats_and_matches_lolcats_load(linearized, tmp_p
 
 
 def test_export_folder_contents(linearized, tmp_path):
-    folder = export(linearized, tmp_path / "hf", merge_lora=True, echo=lambda _: None)
+    folder = export(linearized, tmp_path / "hf", echo=lambda _: None)
     # shareable: mkdtemp's and temp files' owner-only modes are not kept
     assert all(p.stat().st_mode & 0o044 for p in [folder, *folder.rglob("*")])
     config = json.loads((folder / "config.json").read_text())
@@ -122,25 +124,83 @@ def test_runtime_code_imports_only_torch_and_transformers():
                 assert target in sources, f"{name} imports {target}, which is not exported"
 
 
-def test_unmerged_lora_is_a_peft_adapter_that_gives_the_same_logits(linearized, tmp_path):
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def lora_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if re.search(r"lora|adapter", str(w.message), re.IGNORECASE)]
+
+
+def test_default_export_merges_lora_and_is_lolcats_load(linearized, tmp_path):
+    """No flags: LoRA is merged, so from_pretrained(folder) is the model lolcats.load gives (and is silent)."""
+    from transformers import AutoModelForCausalLM
+
+    assert lolcats.load(linearized, merge=False).lolcats_manifest.get("lora")  # the run has LoRA
+    folder = export(linearized, tmp_path / "hf", echo=lambda _: None)
+    assert not (folder / "lora").exists()
+    assert json.loads((folder / "config.json").read_text())["lolcats"]["lora"]["merged"] is True
+    assert "not merged" not in (folder / "README.md").read_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    assert lora_warnings(caught) == []
+    ids = torch.randint(3, 512, (2, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, expected = model(ids).logits, lolcats.load(linearized)(ids).logits
+    assert relative_error(got, expected) <= 1e-5
+
+
+def test_kept_lora_adapter_warns_on_load_and_peft_gives_the_same_logits(linearized, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    folder = export(linearized, tmp_path / "hf", echo=lambda _: None)
+    folder = export(linearized, tmp_path / "hf", keep_lora_adapter=True, echo=lambda _: None)
     assert (folder / "lora" / "adapter_config.json").is_file()
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(folder / "lora")).eval()
+    assert json.loads((folder / "config.json").read_text())["lolcats"]["lora"]["merged"] is False
+    assert "PeftModel.from_pretrained(model, FOLDER + '/lora')" in (folder / "README.md").read_text()
+    adapter = str(folder / "lora")
+    with pytest.warns(UserWarning, match=re.escape(repr(adapter))) as caught:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    assert any("PeftModel.from_pretrained(model, " in m for m in lora_warnings(caught))
     ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
+        # what the warning is about: the folder alone is not the trained model (this fixture's short LoRA run
+        # moves the logits by ~1.6e-4 relative, 16x the 1e-5 a merged export is held to)
+        assert relative_error(model(ids).logits, lolcats.load(linearized)(ids).logits) > 1e-5
+        model = PeftModel.from_pretrained(model, adapter).eval()
         torch.testing.assert_close(model(ids).logits, lolcats.load(linearized, merge=False)(ids).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_export_loaded_in_bfloat16_runs_past_the_window_generates_and_is_close(linearized, tmp_path):
+    """dtype=torch.bfloat16 at load: a forward over > 2 windows and generate() run, and the logits are within
+    the bf16 tolerance of the fp32 load: max |difference| <= 5% of the largest |logit|."""
+    from transformers import AutoModelForCausalLM
+
+    folder = export(linearized, tmp_path / "hf", echo=lambda _: None)
+    full = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    half = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    assert half.get_input_embeddings().weight.dtype == torch.bfloat16
+    learned = [p for name, p in half.named_parameters() if "feature_map" in name or "window_logit" in name]
+    assert learned and all(p.dtype == torch.float32 for p in learned)  # φ and γ stay fp32 in a bf16 load
+    window = json.loads((folder / "config.json").read_text())["lolcats"]["conversion"]["window"]
+    ids = torch.randint(3, 512, (2, 200), generator=torch.Generator().manual_seed(4))
+    assert ids.shape[1] > 2 * window
+    with torch.no_grad():
+        reference = full(ids).logits
+        got = half(ids).logits
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        assert (got.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+        generated = half.generate(ids[:1, :150], max_new_tokens=20, do_sample=False)
+    assert generated.shape == (1, 170) and torch.equal(generated[:, :150], ids[:1, :150])
 
 
 def test_bfloat16_export_is_half_the_size_and_close(linearized, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    full = export(linearized, tmp_path / "fp32", merge_lora=True, echo=lambda _: None)
-    half = export(linearized, tmp_path / "bf16", merge_lora=True, dtype="bfloat16", echo=lambda _: None)
+    full = export(linearized, tmp_path / "fp32", echo=lambda _: None)
+    half = export(linearized, tmp_path / "bf16", dtype="bfloat16", echo=lambda _: None)
     size = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
     assert size(half) < 0.6 * size(full)
     model = AutoModelForCausalLM.from_pretrained(half, trust_remote_code=True, dtype=torch.float32).eval()
@@ -163,9 +223,17 @@ def test_export_refuses_a_non_empty_target_and_leaves_it_alone(linearized, tmp_p
     result = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "not a lolcats output folder" in result.output
     assert not (tmp_path / "x").exists()
+    result = CliRunner().invoke(app, ["export", str(linearized), "--out", str(tmp_path / "x"), "--merge-lora",
+                                      "--keep-lora-adapter"])
+    assert result.exit_code == 2 and "contradict" in result.output
+    assert not (tmp_path / "x").exists()
     result = CliRunner().invoke(app, ["export", str(linearized), "--out", str(tmp_path / "ok"), "--merge-lora"])
+    assert result.exit_code == 0, result.output  # --merge-lora: accepted, a no-op (merging is the default)
+    assert "exported LlamaForCausalLM -> LolcatsForCausalLM" in result.output and "LoRA merged" in result.output
+    assert not (tmp_path / "ok" / "lora").exists()
+    result = CliRunner().invoke(app, ["export", str(linearized), "--out", str(tmp_path / "kept"), "--keep-lora-adapter"])
     assert result.exit_code == 0, result.output
-    assert "exported LlamaForCausalLM -> LolcatsForCausalLM" in result.output
+    assert (tmp_path / "kept" / "lora" / "adapter_model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
@@ -181,7 +249,7 @@ def test_export_from_a_gguf_base_writes_plain_float_weights(tmp_path):
                             seq_len=256, batch_tokens=1024, stage1_tokens=2048, stage2_tokens=1024, eval_tokens=1024,
                             eval_every=2, held_out=8)
     lolcats.linearize(run, echo=lambda _: None, progress=False)
-    folder = export(out, tmp_path / "hf", merge_lora=True, echo=lambda _: None)
+    folder = export(out, tmp_path / "hf", echo=lambda _: None)
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "gemma3_text"
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:

@@ -106,6 +106,9 @@ def linearize(
     feature_map: Optional[str] = typer.Option(None, help="hedgehog | t2r | elu | relu | taylor"),
     window: Optional[int] = typer.Option(None, help="Softmax window in tokens (default 64)."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per training sequence (default 512)."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Tokens per optimizer step (default 4096)."),
+    micro_batch_tokens: Optional[int] = typer.Option(None, help="Tokens per forward/backward within a step (default 2048; same update): lower it to use less memory."),
+    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float32: the frozen base weights' dtype (auto: bf16 where the device computes it natively)."),
     stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens; 0 skips stage 1 (LoRA-only baseline)."),
     stage2_tokens: Optional[int] = typer.Option(None, help="LoRA tokens; 0 skips stage 2."),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (default 8; alpha = 2 x rank unless set in YAML)."),
@@ -132,7 +135,7 @@ def linearize(
         _fail(ValueError("--block-size is for block-wise training: add --blockwise"))
     flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
                  attention=attention, feature_map=feature_map, window=window, seq_len=seq_len,
-                 stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,
+                 batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens, dtype=dtype, stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,
                  eval_text=[str(p) for p in eval_text] if eval_text else None, block_size=block_size,
                  activations=str(activations) if activations else None)
     try:
@@ -224,7 +227,8 @@ def blockwise_stitch(
 def export(
     directory: Path = typer.Argument(..., help="A linearized output folder (from `lolcats linearize`)."),
     out: Path = typer.Option(..., help="The Hugging Face folder to write (new or empty)."),
-    merge_lora: bool = typer.Option(False, "--merge-lora", help="Fold LoRA into the projections (default: keep it as a peft adapter in OUT/lora)."),
+    keep_lora_adapter: bool = typer.Option(False, "--keep-lora-adapter", help="Keep LoRA as a peft adapter in OUT/lora instead of merging it into the projections (the default). from_pretrained(OUT) then loads the model WITHOUT LoRA, and warns so, until the adapter is applied with peft."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", hidden=True, help="No-op: LoRA is merged by default."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16: the weights' dtype in the folder."),
     base_model: Optional[str] = typer.Option(None, help="The base model, if it moved since training (same fingerprint)."),
 ) -> None:
@@ -233,7 +237,10 @@ def export(
     from .export import export as run_export
 
     try:
-        run_export(directory, out, merge_lora=merge_lora, dtype=dtype, base_model=base_model, echo=typer.echo)
+        if merge_lora and keep_lora_adapter:
+            raise ValueError("--merge-lora and --keep-lora-adapter contradict each other (LoRA is merged by default)")
+        run_export(directory, out, keep_lora_adapter=keep_lora_adapter, dtype=dtype, base_model=base_model,
+                   echo=typer.echo)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         _fail(err)
 

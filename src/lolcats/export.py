@@ -1,7 +1,8 @@
 """`lolcats export`: a linearized output folder -> a standalone Hugging Face model folder.
 
 The folder holds the base model's config (plus ``auto_map`` and a ``lolcats`` block), safetensors weights
-(base + feature maps + γ, LoRA merged or kept as a peft adapter in ``lora/``), the tokenizer, a model card,
+(base + feature maps + γ, with LoRA merged into the projections; or, with ``keep_lora_adapter``, kept as a peft
+adapter in ``lora/``, and then loading the folder warns that it is not applied), the tokenizer, a model card,
 and the modeling code: a ``LolcatsForCausalLM`` that subclasses the base model's transformers class and
 swaps its attention at construction, plus lolcats' own runtime files (swap, attention, cache, feature maps,
 families, ops) copied flat beside it. Those depend on torch and transformers only, so
@@ -40,6 +41,8 @@ feature maps); `generate()` keeps a constant-size cache for those layers. The lo
 beside this one are lolcats' own runtime code, copied unchanged apart from their import lines.
 """
 
+import os
+import warnings
 from types import SimpleNamespace
 
 from transformers import {base_class}
@@ -49,9 +52,37 @@ from .lolcats_swap import swap_attention
 
 
 class LolcatsForCausalLM({base_class}):
+    # The learned feature maps and γ stay fp32 when the model is loaded in bf16/fp16.
+    _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "window_logit"]
+
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         swap_attention(self, SimpleNamespace(**config.lolcats["conversion"]))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        lora = (getattr(model.config, "lolcats", None) or {{}}).get("lora")
+        if lora and not lora.get("merged", True):
+            warnings.warn(unmerged_lora_message(str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""),
+                          UserWarning, stacklevel=2)
+        return loaded
+
+
+def unmerged_lora_message(folder, subfolder=""):
+    """The warning for a folder exported with its LoRA kept as a separate peft adapter (`lora/`)."""
+    local = os.path.join(folder, subfolder) if subfolder else folder
+    if os.path.isdir(local):
+        where = os.path.join(local, "lora")
+        how = f"PeftModel.from_pretrained(model, {{where!r}})"
+    else:  # a Hub repository
+        where = f"{{folder}} (subfolder {{os.path.join(subfolder, 'lora')!r}})"
+        how = f"PeftModel.from_pretrained(model, {{folder!r}}, subfolder={{os.path.join(subfolder, 'lora')!r}})"
+    return (f"This linearized model was exported with its LoRA kept as a separate peft adapter in {{where}}, and "
+            f"from_pretrained does not apply it: the model you loaded is NOT the trained one (its outputs differ). "
+            f"Apply the adapter (needs peft): `from peft import PeftModel; model = {{how}}`, or re-export without "
+            f"--keep-lora-adapter to get a folder with LoRA merged.")
 '''
 
 
@@ -106,13 +137,17 @@ def export(
     directory: str | Path,
     out: str | Path,
     *,
-    merge_lora: bool = False,
+    keep_lora_adapter: bool = False,
     dtype: str = "float32",
     base_model: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Write the standalone folder for the linearized model in ``directory`` to ``out`` (which must not exist
-    or be empty). Everything is written to a temporary folder beside ``out`` and moved into place at the end."""
+    or be empty). Everything is written to a temporary folder beside ``out`` and moved into place at the end.
+
+    LoRA is merged into the projections, so ``from_pretrained(out)`` is the model ``lolcats.load(directory)``
+    gives. ``keep_lora_adapter=True`` keeps it as a peft adapter in ``out/lora`` instead: the folder alone is then
+    the model without LoRA, and loading it warns (naming the adapter and how to apply it)."""
     from .generation import tokenizer_for
     from .pipeline import load
     from .stages.lora import lora_parameters, merge_lora as fold_lora
@@ -125,9 +160,10 @@ def export(
     manifest = read_manifest(directory)
     lora = manifest.get("lora")
     model = load(directory, base_model=base_model, merge=False)
-    lora_tensors = {name: p.detach().clone() for name, p in lora_parameters(model).items()}
+    keep = bool(lora) and keep_lora_adapter
+    lora_tensors = {name: p.detach().clone() for name, p in lora_parameters(model).items()} if keep else {}
     if lora:
-        fold_lora(model, merge=merge_lora)
+        fold_lora(model, merge=not keep)
     model.to(DTYPES[dtype])
     tokenizer = tokenizer_for(str(directory))
 
@@ -139,7 +175,7 @@ def export(
             "format_version": 1,
             "lolcats_version": __version__,
             "conversion": manifest["conversion"],
-            "lora": None if not lora else {**lora, "merged": merge_lora},
+            "lora": None if not lora else {**lora, "merged": not keep},
         }
         config.auto_map = {"AutoModelForCausalLM": "modeling_lolcats.LolcatsForCausalLM"}
         model.save_pretrained(staging, safe_serialization=True)
@@ -151,9 +187,9 @@ def export(
         (staging / "modeling_lolcats.py").write_text(modeling_code(base_class, runtime))
         for name, source in runtime.items():
             (staging / name).write_text(source)
-        if lora and not merge_lora:
+        if keep:
             _save_peft_adapter(staging / "lora", lora, lora_tensors, dtype)
-        (staging / "README.md").write_text(model_card(manifest, base_class, merge_lora, dtype))
+        (staging / "README.md").write_text(model_card(manifest, base_class, not keep, dtype))
         _refuse_local_paths(staging, [directory, Path(manifest["base_model"]["spec"]), Path.cwd(), Path.home()])
         for path in [staging, *staging.rglob("*")]:  # mkdtemp and safetensors' temp file leave owner-only modes
             shareable(path)
@@ -165,7 +201,8 @@ def export(
         raise
     size = folder_bytes(out)
     echo(f"exported {base_class} -> LolcatsForCausalLM ({dtype}, LoRA "
-         f"{'merged' if merge_lora else 'kept in lora/' if lora else 'none'}) to {out}: {size / 2**20:.1f} MiB")
+         f"{'kept in lora/, NOT applied by from_pretrained' if keep else 'merged' if lora else 'none'}) to {out}: "
+         f"{size / 2**20:.1f} MiB")
     return out
 
 
@@ -254,7 +291,12 @@ def model_card(manifest: dict, base_class: str, merged: bool, dtype: str) -> str
         "```",
     ]
     if lora and not merged:
-        lines += ["", "With the LoRA adapter (needs peft): `model = PeftModel.from_pretrained(model, FOLDER + '/lora')`."]
+        lines += [
+            "",
+            "**The LoRA adapter is not merged:** it is kept as a peft adapter in `lora/`, and `from_pretrained(FOLDER)`",
+            "alone loads the model WITHOUT it (a different model from the one measured below; loading warns). Apply it",
+            "(needs peft): `model = PeftModel.from_pretrained(model, FOLDER + '/lora')`.",
+        ]
     lines += [
         "",
         "Needs torch and transformers only (lolcats not required). Generation keeps a constant-size cache for",
