@@ -71,7 +71,7 @@ def test_metrics_follow_lm_eval_definitions(stories):
 def test_task_formats_are_detected_from_fields():
     kinds = {path.stem: load_task(path).kind for path in sorted(EVAL.glob("*.jsonl"))}
     assert kinds == {"arc_challenge": "multiple_choice", "arc_easy": "multiple_choice", "piqa": "multiple_choice",
-                     "winogrande": "schema", "lambada_openai": "language_modeling"}
+                     "winogrande": "schema", "lambada_openai": "language_modeling", "mmlu": "multiple_choice"}
     piqa = load_task(EVAL / "piqa.jsonl").items[0]
     assert piqa.contexts[0].endswith("\n\nAnswer: ") and piqa.contexts[0].startswith("Question: ")
 
@@ -223,3 +223,111 @@ def test_a_continuation_longer_than_the_window_is_scored_by_its_tail_and_counted
     long_text = " Lily and Tom went to the park to play with the big red ball." * 12
     (score,) = score_pairs(model, tokenizer, [("Once upon a time", long_text)], max_length=64)
     assert score.truncated and score.tokens == 64 and math.isfinite(score.loglikelihood)
+
+
+def _count_decoder_calls(*models):
+    """(calls, remove): calls[i] lists the (batch, length) of every forward of models[i]'s decoder."""
+    calls = [[] for _ in models]
+
+    def recorder(seen):
+        return lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape))
+
+    handles = [model.get_decoder().register_forward_pre_hook(recorder(seen), with_kwargs=True)
+               for model, seen in zip(models, calls)]
+    return calls, lambda: [handle.remove() for handle in handles]
+
+
+def test_fidelity_batches_windows_and_matches_one_at_a_time(stories, linearized_stories):
+    """The slow-eval regression: fidelity ran three batch-1 forwards per window (each thousands of small ops in a
+    linearized model). Equal-length windows now share forwards, with the same numbers."""
+    teacher, tokenizer = stories
+    text = (SHARED / "data" / "tinystories_valid.txt").read_text()
+    windows = text_windows(tokenizer, text, seq_len=100, max_tokens=900)
+    assert sorted(len(w) for w in windows) == [10] + [100] * 9
+    calls, remove = _count_decoder_calls(linearized_stories, teacher)
+    try:
+        batched = fidelity(linearized_stories, teacher, windows, batch_size=8)
+        student_calls, teacher_calls = list(calls[0]), list(calls[1])
+        for seen in calls:
+            seen.clear()
+        alone = fidelity(linearized_stories, teacher, windows, batch_size=1)
+    finally:
+        remove()
+    # Batches 8 + 1 windows of 100 tokens and 1 of 10: a distill pass and a student forward each, one teacher forward.
+    assert sorted(student_calls) == sorted([(8, 100), (1, 100), (1, 10)] * 2)
+    assert sorted(teacher_calls) == [(1, 10), (1, 100), (8, 100)]
+    assert len(calls[0]) == 2 * len(windows) and len(calls[1]) == len(windows)
+    assert batched["tokens"] == alone["tokens"] == 900
+    assert batched["kl"] == pytest.approx(alone["kl"], rel=1e-5)
+    for a, b in zip(batched["layers"], alone["layers"]):
+        assert a["layer"] == b["layer"] and a["attention_mse"] == pytest.approx(b["attention_mse"], rel=1e-5)
+
+
+def test_rows_per_forward_keeps_logits_bounded():
+    from lolcats.evaluate.scoring import MAX_LOGIT_ELEMENTS, rows_per_forward
+
+    class Head:
+        def __init__(self, vocab):
+            self.weight = torch.empty(vocab, 0)
+
+    class Model:
+        def __init__(self, vocab):
+            self.head = Head(vocab)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    assert rows_per_forward(Model(512), 1024, 8) == 8  # stories260k: the whole batch
+    assert rows_per_forward(Model(262_144), 512, 8) == 1  # Gemma: one window's logits already fill the budget
+    assert rows_per_forward(Model(262_144), 1024, 8, least=2) == 2  # never fewer rows than the caller's floor
+    assert rows_per_forward(Model(4096), 1024, 64) * 1024 * 4096 <= MAX_LOGIT_ELEMENTS
+
+
+def test_eval_of_a_long_text_never_runs_attention_over_more_than_a_window(stories260k_path, monkeypatch, tmp_path):
+    """Perplexity and fidelity of a text far longer than the window: no forward of the student or the teacher
+    (so no attention, exact or linearized) sees more than --seq-len tokens, no L×L attention-weight reference
+    is built, the fidelity sample is the stated bound, and the forwards are batched."""
+    import lolcats.attention
+    import lolcats.generation
+    import lolcats.models
+    import lolcats.ops.reference
+    from lolcats.evaluate.runner import evaluate_model
+
+    text = tmp_path / "long.txt"
+    text.write_text((SHARED / "data" / "tinystories_valid.txt").read_text(encoding="utf-8") * 2, encoding="utf-8")
+    tokenizer = lolcats.load_tokenizer(str(stories260k_path))
+    text_tokens = len(tokenizer(text.read_text(), add_special_tokens=False, verbose=False)["input_ids"])
+    student = lolcats.convert(lolcats.load_base_model(str(stories260k_path)), window=16)
+    teacher_lengths = []
+    load_base_model = lolcats.models.load_base_model
+
+    def load_teacher(spec):
+        teacher = load_base_model(spec)
+        teacher.get_decoder().register_forward_pre_hook(
+            lambda module, args, kwargs: teacher_lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        return teacher
+
+    monkeypatch.setattr(lolcats.generation, "is_linearized_folder", lambda spec: True)
+    monkeypatch.setattr(lolcats.generation, "base_model_spec", lambda spec: str(stories260k_path))
+    monkeypatch.setattr(lolcats.generation, "load_model", lambda spec: student)
+    monkeypatch.setattr(lolcats.models, "load_base_model", load_teacher)
+
+    def quadratic(*args, **kwargs):
+        raise AssertionError("L×L attention weights built during eval")
+
+    monkeypatch.setattr(lolcats.attention, "hybrid_attention_weights", quadratic)
+    monkeypatch.setattr(lolcats.ops.reference, "hybrid_attention_weights", quadratic)
+    (student_calls,), remove = _count_decoder_calls(student)
+    try:
+        result = evaluate_model("linearized-run", texts=[text], task_dir=tmp_path, seq_len=128, echo=lambda _: None)
+    finally:
+        remove()
+    assert text_tokens > 8_000 and max(length for _, length in student_calls) <= 128 and max(teacher_lengths) <= 128
+    fid = result["fidelity"]
+    assert (fid["seq_len"], fid["max_tokens"], fid["tokens"]) == (128, 4096, 4096)
+    assert fid["windows"] == math.ceil(4096 / 127)
+    # Perplexity: 8 windows per forward (+1 for a short tail); fidelity: two per batch of up to 8 windows (+ tail).
+    perplexity_forwards = math.ceil(math.ceil(text_tokens / 127) / 8) + 1
+    fidelity_forwards = 2 * (math.ceil(fid["windows"] / 8) + 1)
+    assert len(student_calls) <= perplexity_forwards + fidelity_forwards
+    assert max(batch for batch, _ in student_calls) == 8

@@ -7,10 +7,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .scoring import encode, rolling_loglikelihood
+from .scoring import encode, rolling_loglikelihood, rows_per_forward
 from .tasks import evaluate_task, load_task, task_files
 
 DEFAULT_TASK_DIR = Path("../shared/data/eval")
+FIDELITY_SEQ_LEN = 512  # longest window of the fidelity sample (the exact-attention comparison's bound)
 
 
 def text_perplexity(model, tokenizer, path: str | Path, *, seq_len: int, stride: int | None = None,
@@ -58,8 +59,11 @@ def evaluate_model(
                      "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size},
     }
     for path in texts:
+        # As many windows per forward as the logit budget allows (at least batch_size // 4, as before): each
+        # forward of a linearized model costs thousands of small ops, so few large ones beat many small ones.
         scored = text_perplexity(model, tokenizer, path, seq_len=seq_len, stride=stride,
-                                 batch_size=max(1, batch_size // 4), max_tokens=max_text_tokens)
+                                 batch_size=rows_per_forward(model, seq_len, batch_size, batch_size // 4),
+                                 max_tokens=max_text_tokens)
         result["perplexity"][Path(path).name] = scored["ppl"]
         echo(f"perplexity {Path(path).name}: {scored['ppl']:.4f} ({scored['tokens']:,} tokens)")
     for task in loaded_tasks:
@@ -76,9 +80,13 @@ def evaluate_model(
         from .fidelity import fidelity, text_windows
 
         teacher = load_base_model(base_model_spec(spec))
-        windows = text_windows(tokenizer, Path(texts[0]).read_text(encoding="utf-8"), seq_len=min(seq_len, 512),
+        # A bounded sample, stated in the JSON: the first `fidelity_tokens` tokens of the first text, in
+        # windows of at most FIDELITY_SEQ_LEN tokens (BOS included), whatever the text's length.
+        window = min(seq_len, FIDELITY_SEQ_LEN)
+        windows = text_windows(tokenizer, Path(texts[0]).read_text(encoding="utf-8"), seq_len=window,
                                max_tokens=fidelity_tokens)
-        result["fidelity"] = {"text": Path(texts[0]).name, **fidelity(model, teacher, windows)}
+        result["fidelity"] = {"text": Path(texts[0]).name, "seq_len": window, "max_tokens": fidelity_tokens,
+                              "windows": len(windows), **fidelity(model, teacher, windows, batch_size=batch_size)}
         echo(f"fidelity on {Path(texts[0]).name}: KL(teacher ‖ linearized) {result['fidelity']['kl']:.4f} nats/token")
     return result
 

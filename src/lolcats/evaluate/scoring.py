@@ -44,6 +44,26 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return start + context_ids, continuation_ids
 
 
+# One forward's logits (rows × length × vocabulary) stay under this many elements (fp32: 128 MiB) when a caller
+# sizes its batches with ``rows_per_forward``.
+MAX_LOGIT_ELEMENTS = 2 ** 25
+
+
+def vocab_size(model) -> int:
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return head.weight.shape[0]
+    return model.config.get_text_config(decoder=True).vocab_size
+
+
+def rows_per_forward(model, length: int, most: int, least: int = 1) -> int:
+    """Sequences of ``length`` tokens to run per forward: up to ``most`` while their logits fit
+    ``MAX_LOGIT_ELEMENTS``, never fewer than ``least`` (nor than 1). Fewer, larger forwards matter for a
+    linearized model, whose forward is several thousand small ops whatever the batch."""
+    fit = MAX_LOGIT_ELEMENTS // max(1, length * vocab_size(model))
+    return max(1, least, min(most, fit))
+
+
 def model_max_length(model, default: int = 2048) -> int:
     config = model.config.get_text_config(decoder=True)
     return min(getattr(config, "max_position_embeddings", None) or default, default)
