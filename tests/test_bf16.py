@@ -138,9 +138,12 @@ def test_fingerprint_does_not_depend_on_load_dtype_and_refuses_a_wrong_base(tmp_
 
 def test_stories260k_pipeline_in_bf16(stories260k_path, tmp_path):
     """The whole linearize pipeline in bf16 on the real model, then load(dtype=bf16) and generate."""
-    run = RunConfig(model=str(stories260k_path), data=(str(SHARED / "data" / "stories260k_samples.txt"),),
-                    out=str(tmp_path / "run"), dtype="bfloat16", seq_len=256, batch_tokens=1024, held_out=8,
-                    stage1_tokens=4096, stage2_tokens=2048, eval_every=2, eval_tokens=1024, warmup_steps=1)
+    stories = (SHARED / "data" / "stories260k_samples.txt").read_text().split("\n\n")[:120]
+    data = tmp_path / "stories.txt"
+    data.write_text("\n\n".join(stories))
+    run = RunConfig(model=str(stories260k_path), data=(str(data),), out=str(tmp_path / "run"), dtype="bfloat16",
+                    seq_len=256, batch_tokens=1024, held_out=8, stage1_tokens=3072, stage2_tokens=1024,
+                    eval_every=2, eval_tokens=512, warmup_steps=1)
     manifest = linearize(run, progress=False)
     assert manifest["dtype"] == "bfloat16"
     assert manifest["stages"]["stage1"]["best_eval_loss"] < manifest["stages"]["stage1"]["first_eval_loss"]
