@@ -107,7 +107,7 @@ def linearize(
     window: Optional[int] = typer.Option(None, help="Softmax window in tokens (default 64)."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per training sequence (default 512)."),
     batch_tokens: Optional[int] = typer.Option(None, help="Tokens per optimizer step (default 4096)."),
-    micro_batch_tokens: Optional[int] = typer.Option(None, help="Tokens per forward/backward within a step (default 2048; same update): lower it to use less memory."),
+    micro_batch_tokens: Optional[int] = typer.Option(None, help="Tokens per forward/backward within a step (default 1024; same update): lower it to use less memory."),
     dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float32: the frozen base weights' dtype (auto: bf16 where the device computes it natively)."),
     stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens; 0 skips stage 1 (LoRA-only baseline)."),
     stage2_tokens: Optional[int] = typer.Option(None, help="LoRA tokens; 0 skips stage 2."),
