@@ -6,7 +6,7 @@ a stage-1 step (attention transfer: distill forward + backward + AdamW) and a st
 to the teacher: forward(s) + backward + AdamW), median of --repeats after one warm-up step.
 
 Usage: python benchmarks/bench_stages.py --model reference|SPEC --seq-len 512 --rows 2 --dtypes float32,bfloat16
-       [--threads 2] [--repeats 3] [--out benchmarks/results/stages-NAME]
+       [--threads 2] [--repeats 3] [--recompute] [--out benchmarks/results/stages-NAME]
 """
 
 from __future__ import annotations
@@ -14,23 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def child(model_spec: str, dtype_name: str, seq_len: int, rows: int, repeats: int) -> dict:
-    import torch
-
+def child(model_spec: str, dtype_name: str, seq_len: int, rows: int, repeats: int, recompute: bool) -> dict:
     import lolcats
-    from lolcats.data import Batch
     from lolcats.models import DTYPES
-    from lolcats.stages.lora import add_lora, lm_loss_fn, lora_parameters, teacher_kl_loss_fn
+    from lolcats.stages.lora import add_lora, lm_loss_fn, lora_parameters, recompute_layers_in_backward, teacher_kl_loss_fn
     from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
+    from steps import median_seconds, random_batch, teacher_forward, training_step
 
     dtype = DTYPES[dtype_name]
     if model_spec == "reference":
@@ -39,45 +35,28 @@ def child(model_spec: str, dtype_name: str, seq_len: int, rows: int, repeats: in
         model = reference_model().to(dtype)
     else:
         model = lolcats.load_base_model(model_spec, dtype=dtype)
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    ids = torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(0))
-    batch = Batch(ids, torch.ones_like(ids), ids.clone())
-    tokens = rows * seq_len
+    batch = random_batch(model.config.get_text_config(decoder=True).vocab_size, rows, seq_len)
 
     def timed(step) -> float:
-        step()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
-        return tokens / statistics.median(times)
-
-    def teacher_forward():
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False).logits
-
-    def training_step(parameters, loss_fn):
-        optimizer = torch.optim.AdamW(parameters.values(), lr=1e-5)
-
-        def step():
-            loss = loss_fn(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return step
+        return rows * seq_len / median_seconds(step, repeats)
 
     result = {"model": model_spec, "dtype": dtype_name, "seq_len": seq_len, "rows": rows,
-              "teacher_forward_tok_s": timed(teacher_forward)}
+              "teacher_forward_tok_s": timed(teacher_forward(model, batch))}
     lolcats.convert(model)
-    result["stage1_tok_s"] = timed(training_step(transfer_parameters(model), transfer_loss_fn(model)))
+    result["stage1_tok_s"] = timed(training_step(transfer_parameters(model), transfer_loss_fn(model), batch))
     lolcats.set_attention_mode(model, "linear")
     for p in model.parameters():
         p.requires_grad_(False)
     add_lora(model, rank=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    result["stage2_ce_tok_s"] = timed(training_step(lora_parameters(model), lm_loss_fn(model)))
-    result["stage2_kl_tok_s"] = timed(training_step(lora_parameters(model), teacher_kl_loss_fn(model)))
-    for key in ("stage1", "stage2_ce", "stage2_kl"):
+    result["stage2_ce_tok_s"] = timed(training_step(lora_parameters(model), lm_loss_fn(model), batch))
+    result["stage2_kl_tok_s"] = timed(training_step(lora_parameters(model), teacher_kl_loss_fn(model), batch))
+    keys = ["stage1", "stage2_ce", "stage2_kl"]
+    if recompute:  # the same stage-2 steps with activation checkpointing (stages/lora.py)
+        recompute_layers_in_backward(model)
+        result["stage2_ce_recompute_tok_s"] = timed(training_step(lora_parameters(model), lm_loss_fn(model), batch))
+        result["stage2_kl_recompute_tok_s"] = timed(training_step(lora_parameters(model), teacher_kl_loss_fn(model), batch))
+        keys += ["stage2_ce_recompute", "stage2_kl_recompute"]
+    for key in keys:
         result[f"{key}_vs_forward"] = result[f"{key}_tok_s"] / result["teacher_forward_tok_s"]
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -94,6 +73,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--recompute", action="store_true",
+                        help="also time stage 2 with activation checkpointing (--activation-checkpointing)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -101,12 +82,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(args.model, args.dtype, args.seq_len, args.rows, args.repeats)))
+        print(json.dumps(child(args.model, args.dtype, args.seq_len, args.rows, args.repeats, args.recompute)))
         return
     rows = []
     for dtype in args.dtypes.split(","):
         cmd = [sys.executable, __file__, "--child", "--model", args.model, "--dtype", dtype, "--seq-len",
-               str(args.seq_len), "--rows", str(args.rows), "--threads", str(args.threads), "--repeats", str(args.repeats)]
+               str(args.seq_len), "--rows", str(args.rows), "--threads", str(args.threads), "--repeats", str(args.repeats)] + ["--recompute"] * args.recompute
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
         if done.returncode:
             rows.append({"dtype": dtype, "error": done.stderr.strip().splitlines()[-1]})
@@ -124,6 +105,10 @@ def main() -> None:
         lines.append(f"| {r['dtype']} | {r['teacher_forward_tok_s']:.0f} | {r['stage1_tok_s']:.0f} ({r['stage1_vs_forward']:.2f}) | "
                      f"{r['stage2_ce_tok_s']:.0f} ({r['stage2_ce_vs_forward']:.2f}) | {r['stage2_kl_tok_s']:.0f} "
                      f"({r['stage2_kl_vs_forward']:.2f}) | {r['peak_rss_gib']:.2f} |")
+        if "stage2_ce_recompute_tok_s" in r:
+            lines.append(f"| {r['dtype']}, stage 2 with activation checkpointing | | | {r['stage2_ce_recompute_tok_s']:.0f} "
+                         f"({r['stage2_ce_recompute_vs_forward']:.2f}) | {r['stage2_kl_recompute_tok_s']:.0f} "
+                         f"({r['stage2_kl_recompute_vs_forward']:.2f}) | |")
     print("\n".join(lines))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 #      (LOLCATS_TEST_DEVICE=cuda LOLCATS_TEST_DTYPE=bfloat16; tolerances are stated in those files)
 #   2. the decode step compiled by inductor on cuda (fullgraph, same output as eager)
 #   3. stage 1 (attention transfer) on the reference model: tokens/s and peak device memory at
-#      L = 2048 / 8192 / 32768, beside the teacher's plain forward (bf16 weights, fp32 φ and γ)
+#      L = 2048 / 8192 / 32768, beside the teacher's plain forward (bf16 weights, fp32 φ and γ):
+#      benchmarks/bench_stage1.py --device cuda --dtype bfloat16
 #   4. decode ms/token and device memory at 1k / 32k contexts: lolcats.bench.bench_decode (what
 #      `lolcats bench decode` runs) on the reference model converted without training, and its teacher
 # Every step has its own timeout, and writes its results as it goes, so a step that runs out of time
@@ -89,100 +90,8 @@ run_step compile "$t_compile" "$out/compile.txt" env LOLCATS_TEST_DEVICE="$devic
   "$python" -m pytest -q -p no:cacheprovider -o addopts="" -m "slow or not slow" --durations=3 "$compile_test"
 
 # ---- 3. stage 1 against the teacher's forward -------------------------------------------------------
-run_step stage1 "$t_stage1" "$out/stage1.txt" "$python" - "$device" "$dtype" "$stage1_lengths" "$out/stage1" <<'PY'
-import json, resource, statistics, sys, time
-from pathlib import Path
-
-sys.path.insert(0, "benchmarks")
-import torch
-
-import lolcats
-from lolcats.data import Batch
-from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
-from reference_model import reference_model
-
-device, dtype = torch.device(sys.argv[1]), getattr(torch, sys.argv[2])
-lengths, out = [int(x) for x in sys.argv[3].split(",")], Path(sys.argv[4])
-cuda = device.type == "cuda"
-repeats = 3
-if not cuda:
-    torch.set_num_threads(2)
-
-
-def sync():
-    if cuda:
-        torch.cuda.synchronize(device)
-
-
-def measure(kind, length):
-    model = reference_model()
-    if kind == "stage1_step":
-        lolcats.convert(model)  # φ and γ stay fp32 when the model moves to bf16
-    model = model.to(device, dtype)
-    ids = torch.randint(0, 8192, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
-    if kind == "teacher_forward":
-        def step():
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    else:
-        params = transfer_parameters(model)
-        optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
-        loss_fn = transfer_loss_fn(model)
-        batch = Batch(ids, torch.ones_like(ids), ids.clone())
-
-        def step():
-            loss = loss_fn(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    step()
-    sync()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - started)
-    seconds = statistics.median(times)
-    return {"kind": kind, "length": length, "seconds": seconds, "tokens_per_s": length / seconds,
-            "peak_device_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-rows = []
-meta = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "dtype": str(dtype).removeprefix("torch."), "batch": 1, "repeats": repeats,
-        "note": "peak_rss_gib is the process's peak so far (monotonic); peak_device_gib is per row"}
-for length in lengths:
-    for kind in ("teacher_forward", "stage1_step"):
-        try:
-            row = measure(kind, length)
-        except torch.OutOfMemoryError as err:
-            row = {"kind": kind, "length": length, "error": f"out of memory: {str(err).splitlines()[0]}"}
-        if cuda:
-            torch.cuda.empty_cache()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-
-lines = ["| L | teacher forward tok/s | stage-1 step tok/s | stage-1 / teacher | teacher peak GiB | stage-1 peak GiB |",
-         "|---|---|---|---|---|---|"]
-def cell(row, key, fmt):
-    return format(row[key], fmt) if row and row.get(key) is not None else "–"
-for length in lengths:
-    t = next((r for r in rows if r["kind"] == "teacher_forward" and r["length"] == length), None)
-    s = next((r for r in rows if r["kind"] == "stage1_step" and r["length"] == length), None)
-    ratio = f"{s['tokens_per_s'] / t['tokens_per_s']:.2f}" if t and s and "tokens_per_s" in t and "tokens_per_s" in s else "–"
-    memory = "peak_device_gib" if cuda else "peak_rss_gib"
-    lines.append(f"| {length} | {cell(t, 'tokens_per_s', '.0f')} | {cell(s, 'tokens_per_s', '.0f')} | {ratio} | "
-                 f"{cell(t, memory, '.2f')} | {cell(s, memory, '.2f')} |")
-header = f"Stage 1 on the reference model, {meta['device_name']}, {meta['dtype']}, batch 1, median of {repeats}.\n\n"
-out.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")
-print("\n".join(lines))
-PY
+run_step stage1 "$t_stage1" "$out/stage1.txt" "$python" benchmarks/bench_stage1.py --device "$device" --dtype "$dtype" \
+  --lengths "$stage1_lengths" --repeats 3 --timeout $((t_stage1 / 3)) --out "$out/stage1"
 
 # ---- 4. decode latency and memory against context ---------------------------------------------------
 run_step decode "$t_decode" "$out/decode.txt" "$python" - "$device" "$dtype" "$decode_contexts" "$decode_tokens" "$out/decode" <<'PY'

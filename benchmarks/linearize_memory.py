@@ -6,7 +6,8 @@ on it as a user would, in a fresh process per length, with stream packing so tha
 tokens long; both stages, the end-of-run diagnostics and perplexities included. Peak RSS is the kernel's
 high-water mark of that process (GNU time's "Maximum resident set size").
 
-Usage: python benchmarks/linearize_memory.py [--lengths 2048,8192] [--out benchmarks/results/linearize-memory]
+Usage: python benchmarks/linearize_memory.py [--lengths 2048,8192] [--recompute false,true]
+       [--out benchmarks/results/linearize-memory]
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ def reference_folder(folder: Path) -> Path:
     return folder
 
 
-def run(folder: Path, length: int, out: Path, dtype: str) -> dict:
+def run(folder: Path, length: int, out: Path, dtype: str, recompute: bool) -> dict:
     config = out.parent / f"run-{length}.yaml"
     config.write_text(
         f"model: {folder}\ndata: [{SHARED / 'data' / 'tinystories_valid.txt'}]\nout: {out}\nseq_len: {length}\n"
         f"batch_tokens: {length}\npacking: stream\nheld_out: 0.1\nstage1_tokens: {2 * length}\n"
         f"stage2_tokens: {2 * length}\neval_every: 1\neval_tokens: {length}\nwarmup_steps: 1\ndtype: {dtype}\n"
+        f"activation_checkpointing: {str(recompute).lower()}\n"
     )
     lolcats = Path(sys.executable).parent / "lolcats"
     done = subprocess.run(["/usr/bin/time", "-v", str(lolcats), "linearize", "--config", str(config), "--quiet"],
@@ -49,7 +51,8 @@ def run(folder: Path, length: int, out: Path, dtype: str) -> dict:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-3000:])
     peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
-    return {"seq_len": length, "dtype": dtype, "peak_rss_gib": peak_kib / 2**20, "wall": wall}
+    return {"seq_len": length, "dtype": dtype, "activation_checkpointing": recompute, "peak_rss_gib": peak_kib / 2**20,
+            "wall": wall}
 
 
 def main() -> None:
@@ -57,15 +60,19 @@ def main() -> None:
     parser.add_argument("--lengths", default="2048,8192")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="benchmarks/results/linearize-memory")
+    parser.add_argument("--recompute", default="false,true",
+                        help="activation_checkpointing settings to measure (stage 2 recomputes layers in backward)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = reference_folder(Path(scratch) / "reference")
         for length in map(int, args.lengths.split(",")):
-            rows.append(run(folder, length, Path(scratch) / f"out-{length}", args.dtype))
-            print(rows[-1], flush=True)
-    lines = ["| seq_len | peak RSS of `lolcats linearize` (GiB) | wall |", "|---|---|---|"]
-    lines += [f"| {r['seq_len']} | {r['peak_rss_gib']:.2f} | {r['wall']} |" for r in rows]
+            for recompute in (value == "true" for value in args.recompute.split(",")):
+                rows.append(run(folder, length, Path(scratch) / f"out-{length}-{recompute}", args.dtype, recompute))
+                print(rows[-1], flush=True)
+    lines = ["| seq_len | activation checkpointing | peak RSS of `lolcats linearize` (GiB) | wall |", "|---|---|---|---|"]
+    lines += [f"| {r['seq_len']} | {'on' if r['activation_checkpointing'] else 'off'} | {r['peak_rss_gib']:.2f} | {r['wall']} |"
+              for r in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"dtype": args.dtype, "rows": rows}, indent=2))
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")

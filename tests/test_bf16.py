@@ -158,3 +158,14 @@ def test_stories260k_pipeline_in_bf16(stories260k_path, tmp_path):
         out = model.generate(**prompt, max_new_tokens=20, do_sample=False)
     assert error <= BF16_TOLERANCE
     assert out.shape[1] == prompt.input_ids.shape[1] + 20
+    # Export follows the run's dtype: from_pretrained(DIR) with transformers' defaults is lolcats.load(run).
+    from transformers import AutoModelForCausalLM
+
+    from lolcats.export import export
+
+    folder = export(run.out, tmp_path / "hf", echo=lambda _: None)
+    exported = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert exported.get_input_embeddings().weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert relative_error(exported(**prompt, use_cache=False).logits.float(),
+                              model(**prompt, use_cache=False).logits.float()) <= 1e-5

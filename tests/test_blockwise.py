@@ -132,7 +132,7 @@ def test_cli_phases_then_linearize_continues_to_stage_2(stories260k_path, tmp_pa
     """collect -> train each block in its own (partially loaded) model -> stitch -> linearize finishes."""
     run = RunConfig(model=str(stories260k_path), data=(str(SAMPLES),), out=str(tmp_path / "out"), seq_len=128,
                     batch_tokens=512, held_out=8, stage1_tokens=1500, stage2_tokens=600, eval_every=4,
-                    eval_tokens=512, block_size=2)
+                    eval_tokens=512, block_size=2, dtype="float32")
     plan = blockwise_collect(run, echo=lambda _: None)
     assert plan["blocks"] == [[0, 2], [2, 4], [4, 5]]
     with pytest.raises(ArtifactError, match=r"blocks \[0, 1, 2\] are not trained yet"):

@@ -105,7 +105,7 @@ def linearized_dir(stories260k_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("linearized")
     run = RunConfig(model=str(stories260k_path), data=(str(SHARED / "data" / "stories260k_samples.txt"),), out=str(out),
                     seq_len=256, batch_tokens=1024, stage1_tokens=2000, stage2_tokens=1000, eval_tokens=1024,
-                    eval_every=2, held_out=10)
+                    eval_every=2, held_out=10, dtype="float32")
     linearize(run, echo=lambda _: None, progress=False)
     return out
 

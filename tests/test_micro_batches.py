@@ -75,3 +75,68 @@ def test_out_of_memory_in_a_step_names_what_to_change(tmp_path):
         train_stage(transfer_parameters(model), lambda b: loss_fn(b) if not torch.is_grad_enabled() else failing(b),
                     data, settings, run_dir=tmp_path, progress=False)
     assert dataclasses.replace(settings, micro_batch_tokens=None).micro_batch_tokens is None
+
+
+@pytest.mark.parametrize("attention_ce", [0.0, 0.5])
+def test_stage1_layer_by_layer_gradients_equal_one_backward_through_all_layers(attention_ce):
+    """Stage 1 takes each layer's gradient as soon as the layer has run (so a step keeps one layer's
+    activations); the gradients, scaled as the loop scales the loss, must equal a plain backward of the
+    same loss built from the layers' own recorded losses."""
+    from lolcats.convert import set_attention_mode
+    from lolcats.swap import linearized_layers
+
+    model = convert(tiny_model("llama"), window=4, chunk_size=4)
+    with torch.no_grad():
+        for p in transfer_parameters(model).values():
+            p.add_(0.1 * torch.randn_like(p))  # away from identity, so every gradient is non-trivial
+    params = transfer_parameters(model)
+    ids = torch.randint(0, 96, (2, 30), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    batch = Batch(ids, mask, ids)
+
+    loss = transfer_loss_fn(model, attention_ce=attention_ce)(batch)
+    (0.37 * loss).backward()
+    layer_by_layer = {name: p.grad.clone() for name, p in params.items()}
+    assert all(g.abs().sum() > 0 for name, g in layer_by_layer.items() if "feature_map" in name)
+
+    for p in params.values():
+        p.grad = None
+    layers = list(linearized_layers(model))
+    for layer in layers:
+        layer.attention_ce_weight = attention_ce
+    set_attention_mode(model, "distill")
+    with torch.enable_grad():
+        model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+    reference = 1000.0 * torch.stack([layer.distill_loss for layer in layers]).mean()
+    if attention_ce:
+        reference = reference + attention_ce * torch.stack([layer.attention_ce for layer in layers]).mean()
+    (0.37 * reference).backward()
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-6, atol=0)
+    for name, p in params.items():
+        torch.testing.assert_close(layer_by_layer[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_stage2_activation_checkpointing_makes_the_same_updates(tmp_path):
+    from lolcats.stages.lora import is_recomputing_layers, recompute_layers_in_backward
+
+    train, held = examples(), examples(3, seed=1)
+    results = {}
+    for recompute in (False, True):
+        model = convert(tiny_model("llama"), window=4, chunk_size=4)
+        add_lora(model, rank=2, alpha=4, targets=("q_proj", "v_proj"))
+        params = lora_parameters(model)
+        recompute_layers_in_backward(model, recompute)
+        assert is_recomputing_layers(model) == recompute and model.training == recompute
+        settings = StageSettings(name="stage2", tokens=600, lr=1e-2, batch_tokens=200, warmup_steps=1, eval_every=3,
+                                 eval_tokens=100, checkpoint_every=100)
+        result = train_stage(params, lm_loss_fn(model), example_data(train, held, settings, seed=0, pad_id=0), settings,
+                             run_dir=tmp_path / str(recompute), progress=False)
+        recompute_layers_in_backward(model, False)
+        assert not is_recomputing_layers(model) and not model.training
+        results[recompute] = ([r["loss"] for r in result.history if "loss" in r],
+                              torch.cat([p.detach().flatten() for p in params.values()]))
+    (plain_losses, plain), (recomputed_losses, recomputed) = results[False], results[True]
+    assert len(plain_losses) >= 3
+    torch.testing.assert_close(torch.tensor(recomputed_losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(recomputed, plain, rtol=1e-4, atol=1e-5)

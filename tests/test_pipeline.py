@@ -147,7 +147,7 @@ def trained_dir(stories260k_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     run = RunConfig(model=str(stories260k_path), data=(str(SAMPLES),), out=str(out), seq_len=256,
                     batch_tokens=1024, stage1_tokens=4000, stage2_tokens=2000, eval_tokens=1024, eval_every=2,
-                    eval_text=(str(VALID),), eval_max_tokens=1024, held_out=20)
+                    eval_text=(str(VALID),), eval_max_tokens=1024, held_out=20, dtype="float32")
     manifest = linearize(run, echo=lambda _: None, progress=False)
     return out, manifest
 

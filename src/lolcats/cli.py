@@ -108,6 +108,7 @@ def linearize(
     seq_len: Optional[int] = typer.Option(None, help="Tokens per training sequence (default 512)."),
     batch_tokens: Optional[int] = typer.Option(None, help="Tokens per optimizer step (default 4096)."),
     micro_batch_tokens: Optional[int] = typer.Option(None, help="Tokens per forward/backward within a step (default 1024; same update): lower it to use less memory."),
+    activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help="Stage 2 recomputes each layer in backward: about half the memory, about a fifth slower."),
     dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float32: the frozen base weights' dtype (auto: bf16 where the device computes it natively)."),
     stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens; 0 skips stage 1 (LoRA-only baseline)."),
     stage2_tokens: Optional[int] = typer.Option(None, help="LoRA tokens; 0 skips stage 2."),
@@ -135,7 +136,8 @@ def linearize(
         _fail(ValueError("--block-size is for block-wise training: add --blockwise"))
     flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
                  attention=attention, feature_map=feature_map, window=window, seq_len=seq_len,
-                 batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens, dtype=dtype, stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,
+                 batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens,
+                 activation_checkpointing=activation_checkpointing, dtype=dtype, stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,
                  eval_text=[str(p) for p in eval_text] if eval_text else None, block_size=block_size,
                  activations=str(activations) if activations else None)
     try:
@@ -229,7 +231,7 @@ def export(
     out: Path = typer.Option(..., help="The Hugging Face folder to write (new or empty)."),
     keep_lora_adapter: bool = typer.Option(False, "--keep-lora-adapter", help="Keep LoRA as a peft adapter in OUT/lora instead of merging it into the projections (the default). from_pretrained(OUT) then loads the model WITHOUT LoRA, and warns so, until the adapter is applied with peft."),
     merge_lora: bool = typer.Option(False, "--merge-lora", hidden=True, help="No-op: LoRA is merged by default."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16: the weights' dtype in the folder."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16: the weights' dtype in the folder (default: the dtype the run was trained in)."),
     base_model: Optional[str] = typer.Option(None, help="The base model, if it moved since training (same fingerprint)."),
 ) -> None:
     """Write DIRECTORY as a standalone HF model folder: AutoModelForCausalLM.from_pretrained(OUT,
@@ -301,7 +303,9 @@ def bench_decode(
             torch.set_num_threads(threads)
         models = {"linearized": load_model(model)}
         if teacher:
-            models["teacher"] = load_model(base_model_spec(model))
+            # The teacher in the linearized model's dtype: the comparison is of attention, not of precision.
+            models["teacher"] = load_model(base_model_spec(model),
+                                           dtype=models["linearized"].get_input_embeddings().weight.dtype)
         result = run_bench(models, context_list, new_tokens=new_tokens, echo=typer.echo)
         result["model"] = model
     except (ValueError, FileNotFoundError, NotImplementedError) as err:

@@ -138,28 +138,29 @@ def export(
     out: str | Path,
     *,
     keep_lora_adapter: bool = False,
-    dtype: str = "float32",
+    dtype: str | None = None,
     base_model: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Write the standalone folder for the linearized model in ``directory`` to ``out`` (which must not exist
     or be empty). Everything is written to a temporary folder beside ``out`` and moved into place at the end.
 
-    LoRA is merged into the projections, so ``from_pretrained(out)`` is the model ``lolcats.load(directory)``
-    gives. ``keep_lora_adapter=True`` keeps it as a peft adapter in ``out/lora`` instead: the folder alone is then
+    LoRA is merged into the projections and the weights keep the dtype the run was trained in (``dtype``
+    overrides it), so ``from_pretrained(out)`` is the model ``lolcats.load(directory)`` gives. ``keep_lora_adapter=True`` keeps it as a peft adapter in ``out/lora`` instead: the folder alone is then
     the model without LoRA, and loading it warns (naming the adapter and how to apply it)."""
     from .generation import tokenizer_for
     from .pipeline import load
     from .stages.lora import lora_parameters, merge_lora as fold_lora
 
     directory, out = Path(directory), Path(out)
+    manifest = read_manifest(directory)
+    dtype = dtype or manifest.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; export into a new folder")
-    manifest = read_manifest(directory)
     lora = manifest.get("lora")
-    model = load(directory, base_model=base_model, merge=False)
+    model = load(directory, base_model=base_model, merge=False)  # in the dtype it was trained in
     keep = bool(lora) and keep_lora_adapter
     lora_tensors = {name: p.detach().clone() for name, p in lora_parameters(model).items()} if keep else {}
     if lora:

@@ -19,13 +19,14 @@ def base_model_spec(spec: str) -> str:
     return read_manifest(Path(spec))["base_model"]["spec"] if is_linearized_folder(spec) else spec
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
-    """A linearized folder through ``lolcats.load``, anything else as a base (teacher) model."""
+def load_model(spec: str, dtype: torch.dtype | None = None):
+    """A linearized folder through ``lolcats.load``, anything else as a base (teacher) model. ``dtype`` None:
+    a linearized folder in the dtype it was trained in (what its numbers were measured in), a base in fp32."""
     if is_linearized_folder(spec):
         from .pipeline import load
 
         return load(spec, dtype=dtype)
-    return load_base_model(spec, dtype=dtype)
+    return load_base_model(spec, dtype=dtype or torch.float32)
 
 
 def generate_text(

@@ -42,7 +42,8 @@ from .models import DEFAULT_MODEL, dtype_name, load_base_model, load_tokenizer, 
 from .next_token import final_hidden, next_token_loss_sum
 from .stages import blockwise
 from .stages.loop import StageSettings, example_data, train_stage
-from .stages.lora import add_lora, lm_loss_fn, lora_parameters, merge_lora, teacher_kl_loss_fn
+from .stages.lora import (add_lora, lm_loss_fn, lora_parameters, merge_lora, recompute_layers_in_backward,
+                          teacher_kl_loss_fn)
 from .stages.transfer import transfer_loss_fn, transfer_parameters
 
 
@@ -71,6 +72,10 @@ class RunConfig(BaseModel):
     # gradients accumulate), which bounds the activations kept for backward (a 24-layer 0.5B model in fp32
     # peaked at 17.4 GB of process RSS with 2,048). None: the whole batch at once.
     micro_batch_tokens: int | None = Field(1024, ge=1)
+    # Stage 2 recomputes each decoder layer in backward instead of keeping its activations (stages/lora.py):
+    # about half the step's memory for about a fifth fewer tokens/s (benchmarks/results/stages-reference.md).
+    # Stage 1 needs no such option: it keeps one layer's activations by construction (stages/transfer.py).
+    activation_checkpointing: bool = False
     held_out: float = Field(0.05, gt=0)
     add_eos: bool = False
     # document: one document (or piece of one) per row, attention never crosses a boundary (default).
@@ -258,11 +263,15 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
         if sharded:
             distributed.shard_model(model, family_for(model.config).decoder_layers(model))
         stage2 = run.stage2()
-        result = train_stage(
-            lora_parameters(model), lm_loss_fn(model) if run.stage2_loss == "ce" else teacher_kl_loss_fn(model),
-            example_data(train, held, stage2, seed=run.seed + 1, pad_id=pad_id), stage2,
-            run_dir=out, resume=run.resume, progress=progress,
-        )
+        recompute_layers_in_backward(model, run.activation_checkpointing)
+        try:
+            result = train_stage(
+                lora_parameters(model), lm_loss_fn(model) if run.stage2_loss == "ce" else teacher_kl_loss_fn(model),
+                example_data(train, held, stage2, seed=run.seed + 1, pad_id=pad_id), stage2,
+                run_dir=out, resume=run.resume, progress=progress,
+            )
+        finally:
+            recompute_layers_in_backward(model, False)
         stages["stage2"] = result.summary()
         echo(f"stage 2: {result.tokens:,} tokens, {result.tokens_per_s:.0f} tok/s, eval loss "
              f"{result.first_eval_loss:.4g} -> {result.best_eval_loss:.4g} (best at step {result.best_step})")

@@ -341,7 +341,8 @@ def _out_of_memory_explained(settings: StageSettings, batch: Batch):
         raise TrainingError(
             f"{settings.name}: out of memory in a micro-batch of {batch.input_ids.shape[0]} rows × "
             f"{batch.input_ids.shape[1]} tokens ({err.__class__.__name__}). Lower --micro-batch-tokens (now "
-            f"{settings.micro_batch_tokens}) or --seq-len, or use --dtype bfloat16; then run again with --resume"
+            f"{settings.micro_batch_tokens}) or --seq-len, add --activation-checkpointing (stage 2), or use --dtype "
+            "bfloat16; then run again with --resume"
         ) from None
 
 

@@ -48,6 +48,27 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: Sequence[str
     return {"rank": rank, "alpha": alpha, "targets": list(targets), "dropout": dropout}
 
 
+def recompute_layers_in_backward(model: nn.Module, enable: bool = True) -> None:
+    """Activation checkpointing for stage 2 (transformers' own, non-reentrant): a step keeps only each decoder
+    layer's input for backward and recomputes the layer there, so the activations kept grow with one layer
+    rather than with depth. Measured on the reference model at 2,048 tokens: stage-2 step peak 2.6 → 1.3 GB.
+
+    transformers checkpoints a layer only in training mode, so this also sets ``model.train(enable)``: our
+    attention has no dropout and LoRA's is 0 by default, so training mode changes nothing else."""
+    if enable:
+        # activation_checkpointing_enable is the name from transformers 5.x on; 4.x calls it gradient_...
+        turn_on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        turn_on({"use_reentrant": False})
+    elif is_recomputing_layers(model):
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    model.train(enable)
+
+
+def is_recomputing_layers(model: nn.Module) -> bool:
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if "lora_" in name}
 
