@@ -48,7 +48,7 @@ def useful_flops(impl: str, length: int) -> float:
 def run_one(impl: str, length: int, dtype_name: str, repeats: int) -> dict:
     import torch
 
-    from lolcats.ops import Window, hybrid_attention_chunked, hybrid_attention_reference
+    from lolcats.runtime.ops import Window, hybrid_attention_chunked, hybrid_attention_reference
 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)

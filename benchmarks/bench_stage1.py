@@ -23,7 +23,7 @@ def child(kind: str, length: int, repeats: int, device: str, dtype: str) -> dict
     import torch
 
     import lolcats
-    from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
+    from lolcats.training.transfer import transfer_loss_fn, transfer_parameters
     from reference_model import reference_model
     from steps import median_seconds, peak_memory, random_batch, reset_peak_memory, teacher_forward, training_step
 

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 def child(model_spec: str, dtype_name: str, seq_len: int, rows: int, repeats: int, recompute: bool) -> dict:
     import lolcats
     from lolcats.models import DTYPES
-    from lolcats.stages.lora import add_lora, lm_loss_fn, lora_parameters, recompute_layers_in_backward, teacher_kl_loss_fn
-    from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
+    from lolcats.convert import add_lora, lora_parameters
+    from lolcats.training.lora import lm_loss_fn, recompute_layers_in_backward, teacher_kl_loss_fn
+    from lolcats.training.transfer import transfer_loss_fn, transfer_parameters
     from steps import median_seconds, random_batch, teacher_forward, training_step
 
     dtype = DTYPES[dtype_name]

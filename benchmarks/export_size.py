@@ -43,7 +43,7 @@ def size(path: Path) -> int:
 
 
 def main() -> None:
-    from lolcats.checkpoint import read_manifest
+    from lolcats.artifacts import read_manifest
     from lolcats.export import export
     from lolcats.models import resolve_model_path
 

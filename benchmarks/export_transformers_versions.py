@@ -30,7 +30,7 @@ def main() -> None:
     torch.save(ids, work / "ids.pt")
     (work / "standalone.py").write_text(STANDALONE)
     reference = lolcats.load(directory)
-    tokenizer = lolcats.generation.tokenizer_for(str(directory))
+    tokenizer = lolcats.artifacts.tokenizer_for(str(directory))
     with torch.no_grad():
         expected = reference(ids).logits
     prompt = tokenizer("Once upon a time, there was a little", return_tensors="pt").input_ids

@@ -6,7 +6,7 @@
 #   3. stage 1 (attention transfer) on the reference model: tokens/s and peak device memory at
 #      L = 2048 / 8192 / 32768, beside the teacher's plain forward (bf16 weights, fp32 φ and γ):
 #      benchmarks/bench_stage1.py --device cuda --dtype bfloat16
-#   4. decode ms/token and device memory at 1k / 32k contexts: lolcats.bench.bench_decode (what
+#   4. decode ms/token and device memory at 1k / 32k contexts: lolcats.cli.bench.bench_decode (what
 #      `lolcats bench decode` runs) on the reference model converted without training, and its teacher
 # Every step has its own timeout, and writes its results as it goes, so a step that runs out of time
 # keeps what it measured. Everything lands in RESULTS_DIR (default benchmarks/results/gpu): env.txt,
@@ -102,7 +102,8 @@ sys.path.insert(0, "benchmarks")
 import torch
 
 import lolcats
-from lolcats.bench import bench_decode, plot_decode
+from lolcats.cli.bench import bench_decode
+from lolcats.evaluate.report import plot_decode
 from reference_model import reference_model
 
 device, dtype = torch.device(sys.argv[1]), getattr(torch, sys.argv[2])

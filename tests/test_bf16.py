@@ -12,9 +12,10 @@ from tiny_models import tiny_model
 
 import lolcats
 from lolcats import convert, linearized_layers
-from lolcats.checkpoint import ArtifactError, fingerprint, save_adapter
-from lolcats.pipeline import RunConfig, linearize
-from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
+from lolcats.artifacts import ArtifactError, fingerprint, save_adapter
+from lolcats.training.config import RunConfig
+from lolcats.training.linearize import linearize
+from lolcats.training.transfer import transfer_loss_fn, transfer_parameters
 
 from conftest import SHARED
 

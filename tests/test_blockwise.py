@@ -6,12 +6,14 @@ import pytest
 import torch
 
 import lolcats
-from lolcats.checkpoint import ArtifactError, read_tensors
-from lolcats.pipeline import RunConfig, blockwise_collect, blockwise_stitch, blockwise_train, linearize
-from lolcats.stages import blockwise
-from lolcats.stages.loop import StageSettings, example_data, train_stage
+from lolcats.artifacts import ArtifactError, read_tensors
+from lolcats.training.config import RunConfig
+from lolcats.training.blockwise import blockwise_collect, blockwise_stitch, blockwise_train
+from lolcats.training.linearize import linearize
+from lolcats.training import blockwise
+from lolcats.training.loop import StageSettings, example_data, train_stage
 from lolcats.convert import linearized_layers
-from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
+from lolcats.training.transfer import transfer_loss_fn, transfer_parameters
 
 from conftest import SHARED, story_examples
 

@@ -57,6 +57,28 @@ def test_linearize_runs_end_to_end_from_the_command_line(stories260k_path, tmp_p
     assert manifest["run"]["seq_len"] == 128 and manifest["stages"]["stage1"]["tokens"] >= 3000
 
 
+def test_run_config_nests_the_conversion_and_flat_flags_reach_every_field(tmp_path):
+    from lolcats.cli.linearize import run_config
+    from lolcats.config import LinearizeConfig
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: m\nout: o\nconversion:\n  window: 16\n  feature_map: t2r\n  gamma_init: 0.3\n")
+    run = run_config(str(config), {"chunk_size": 8, "softmax_layers": [2, 0], "local_layers": "linearize"})
+    assert run.conversion == LinearizeConfig(window=16, feature_map="t2r", gamma_init=0.3, chunk_size=8,
+                                             softmax_layers=(0, 2), local_layers="linearize")
+    # every conversion field is a flag of `lolcats linearize`
+    result = runner.invoke(app, ["linearize", "--help"])
+    flags = result.output.replace("\n", " ")
+    for field in LinearizeConfig.model_fields:
+        assert "--" + field.replace("_", "-") in flags, field
+    misplaced = tmp_path / "flat.yaml"
+    misplaced.write_text("model: m\nout: o\nwindow: 16\n")
+    with pytest.raises(ValueError, match="window: conversion settings go under `conversion:`"):
+        run_config(str(misplaced), {})
+    result = runner.invoke(app, ["linearize", "--model", "m", "--softmax-layers", "1,x"])
+    assert result.exit_code == 2 and "--softmax-layers takes comma-separated layer indices" in result.output
+
+
 def test_linearize_errors_are_one_line_without_traceback(stories260k_path, tmp_path):
     result = runner.invoke(app, ["linearize", "--model", str(stories260k_path), "--out", str(tmp_path)])
     assert result.exit_code == 2
@@ -112,7 +134,7 @@ def linearized_dir(stories260k_path, tmp_path_factory):
 
 def test_generate_streams_the_greedy_continuation(linearized_dir, stories260k_path):
     import lolcats
-    from lolcats.generation import generate_text
+    from lolcats.cli.generate import generate_text
 
     prompt = "Once upon a time, there was a little dog"
     result = runner.invoke(app, ["generate", "--model", str(linearized_dir), "--prompt", prompt, "--max-new-tokens", "30"])

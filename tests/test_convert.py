@@ -159,7 +159,7 @@ def test_bf16_model_converts_and_runs(ids):
 def test_short_sequence_fast_path_matches_the_chunked_hybrid(attention, length):
     """Up to 2·window (terrace) or window (sliding) tokens the hybrid is exact softmax and takes SDPA; one token
     longer it takes the chunked path. Both agree with the quadratic reference."""
-    from lolcats.ops import hybrid_attention_reference
+    from lolcats.runtime.ops import hybrid_attention_reference
 
     model = convert(tiny_model("llama"), attention=attention, window=8, chunk_size=8)
     layer = next(linearized_layers(model))

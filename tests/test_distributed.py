@@ -11,9 +11,10 @@ import torch
 import yaml
 
 import lolcats
-from lolcats.checkpoint import load_trainer_checkpoint
-from lolcats.pipeline import RunConfig, linearize
-from lolcats.stages.lora import lora_parameters
+from lolcats.training.checkpoints import load_trainer_checkpoint
+from lolcats.training.config import RunConfig
+from lolcats.training.linearize import linearize
+from lolcats.convert import lora_parameters
 
 from conftest import SHARED
 

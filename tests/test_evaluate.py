@@ -287,10 +287,10 @@ def test_eval_of_a_long_text_never_runs_attention_over_more_than_a_window(storie
     """Perplexity and fidelity of a text far longer than the window: no forward of the student or the teacher
     (so no attention, exact or linearized) sees more than --seq-len tokens, no L×L attention-weight reference
     is built, the fidelity sample is the stated bound, and the forwards are batched."""
-    import lolcats.attention
-    import lolcats.generation
+    import lolcats.evaluate.runner
     import lolcats.models
-    import lolcats.ops.reference
+    import lolcats.runtime.attention
+    import lolcats.runtime.ops_reference
     from lolcats.evaluate.runner import evaluate_model
 
     text = tmp_path / "long.txt"
@@ -307,16 +307,17 @@ def test_eval_of_a_long_text_never_runs_attention_over_more_than_a_window(storie
             lambda module, args, kwargs: teacher_lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
         return teacher
 
-    monkeypatch.setattr(lolcats.generation, "is_linearized_folder", lambda spec: True)
-    monkeypatch.setattr(lolcats.generation, "base_model_spec", lambda spec: str(stories260k_path))
-    monkeypatch.setattr(lolcats.generation, "load_model", lambda spec: student)
-    monkeypatch.setattr(lolcats.models, "load_base_model", load_teacher)
+    runner = lolcats.evaluate.runner  # the names the runner looks up
+    monkeypatch.setattr(runner, "is_linearized_folder", lambda spec: True)
+    monkeypatch.setattr(runner, "base_model_spec", lambda spec: str(stories260k_path))
+    monkeypatch.setattr(runner, "load_model", lambda spec: student)
+    monkeypatch.setattr(runner, "load_base_model", load_teacher)
 
     def quadratic(*args, **kwargs):
         raise AssertionError("L×L attention weights built during eval")
 
-    monkeypatch.setattr(lolcats.attention, "hybrid_attention_weights", quadratic)
-    monkeypatch.setattr(lolcats.ops.reference, "hybrid_attention_weights", quadratic)
+    monkeypatch.setattr(lolcats.runtime.attention, "hybrid_attention_weights", quadratic)
+    monkeypatch.setattr(lolcats.runtime.ops_reference, "hybrid_attention_weights", quadratic)
     (student_calls,), remove = _count_decoder_calls(student)
     try:
         result = evaluate_model("linearized-run", texts=[text], task_dir=tmp_path, seq_len=128, echo=lambda _: None)

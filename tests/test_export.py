@@ -92,10 +92,14 @@ def test_export_folder_contents(linearized, tmp_path):
     assert config["architectures"] == ["LolcatsForCausalLM"]
     assert config["lolcats"]["conversion"]["attention"] == "lolcats" and config["lolcats"]["lora"]["merged"]
     names = {p.name for p in folder.iterdir()}
-    assert {"model.safetensors", "modeling_lolcats.py", "lolcats_swap.py", "README.md", "tokenizer.json"} <= names
+    assert {"model.safetensors", "modeling_lolcats.py", "swap.py", "README.md", "tokenizer.json"} <= names
+    # the runtime files are the package's own, verbatim
+    runtime = Path(lolcats.__file__).parent / "runtime"
+    shipped = {p.name for p in runtime.glob("*.py")} - {"__init__.py"}
+    assert shipped <= names and all((folder / n).read_text() == (runtime / n).read_text() for n in shipped)
     # transformers 4.x copies only the modeling file's direct relative imports: it must name every runtime file
     modeling = (folder / "modeling_lolcats.py").read_text()
-    assert all(f"from .{p.stem} import" in modeling for p in folder.glob("lolcats_*.py"))
+    assert all(f"from .{Path(n).stem} import" in modeling for n in shipped)
     # a tokenizer class that transformers 4.x and 5.x both know
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] != "TokenizersBackend"
     from safetensors import safe_open
@@ -115,7 +119,7 @@ def test_export_folder_contents(linearized, tmp_path):
 
 def test_runtime_code_imports_only_torch_and_transformers():
     sources = runtime_sources()
-    assert "lolcats_swap.py" in sources and "lolcats_ops_chunked.py" in sources and "lolcats_cache.py" in sources
+    assert "swap.py" in sources and "ops_chunked.py" in sources and "cache.py" in sources
     for name, source in sources.items():
         assert "from .config" not in source and "import lolcats" not in source
         for line in source.splitlines():

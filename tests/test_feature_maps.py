@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lolcats.feature_maps import FEATURE_MAPS, make_feature_map
+from lolcats.runtime.feature_maps import FEATURE_MAPS, make_feature_map
 
 
 @pytest.mark.parametrize("name", sorted(FEATURE_MAPS))

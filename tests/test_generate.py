@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 import lolcats
 from lolcats import convert, linearized_layers
-from lolcats.cache import LinearizedCache, RecurrentLayer
+from lolcats.runtime.cache import LinearizedCache, RecurrentLayer
 
 WINDOW = 4  # tiny window and chunk so that 40 tokens cross many block and chunk boundaries
 DEVICE = torch.device(os.environ.get("LOLCATS_TEST_DEVICE", "cpu"))

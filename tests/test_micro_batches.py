@@ -8,9 +8,10 @@ from tiny_models import tiny_model
 
 from lolcats import convert
 from lolcats.data import Batch
-from lolcats.stages.loop import StageSettings, TrainingError, example_data, micro_batches, train_stage
-from lolcats.stages.lora import add_lora, lm_loss_fn, lora_parameters
-from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
+from lolcats.training.loop import StageSettings, TrainingError, example_data, micro_batches, train_stage
+from lolcats.convert import add_lora, lora_parameters
+from lolcats.training.lora import lm_loss_fn
+from lolcats.training.transfer import transfer_loss_fn, transfer_parameters
 
 
 def examples(count=12, seed=0):
@@ -83,7 +84,7 @@ def test_stage1_layer_by_layer_gradients_equal_one_backward_through_all_layers(a
     activations); the gradients, scaled as the loop scales the loss, must equal a plain backward of the
     same loss built from the layers' own recorded losses."""
     from lolcats.convert import set_attention_mode
-    from lolcats.swap import linearized_layers
+    from lolcats.runtime.swap import linearized_layers
 
     model = convert(tiny_model("llama"), window=4, chunk_size=4)
     with torch.no_grad():
@@ -118,7 +119,7 @@ def test_stage1_layer_by_layer_gradients_equal_one_backward_through_all_layers(a
 
 
 def test_stage2_activation_checkpointing_makes_the_same_updates(tmp_path):
-    from lolcats.stages.lora import is_recomputing_layers, recompute_layers_in_backward
+    from lolcats.training.lora import is_recomputing_layers, recompute_layers_in_backward
 
     train, held = examples(), examples(3, seed=1)
     results = {}

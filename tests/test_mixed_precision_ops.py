@@ -4,8 +4,8 @@ inputs (fp32 accumulation), grouped-query keys read without repeating them, and 
 import pytest
 import torch
 
-from lolcats.feature_maps import FEATURE_MAPS, make_feature_map
-from lolcats.ops import Window, expand_heads, hybrid_attention_chunked, hybrid_attention_reference, hybrid_attention_weights
+from lolcats.runtime.feature_maps import FEATURE_MAPS, make_feature_map
+from lolcats.runtime.ops import Window, expand_heads, hybrid_attention_chunked, hybrid_attention_reference, hybrid_attention_weights
 
 
 def inputs(batch=2, heads=6, kv_heads=2, length=45, dim=8, features=12, dtype=torch.float32):
@@ -48,7 +48,7 @@ def test_bf16_inputs_accumulate_in_fp32_and_output_dtype_is_chosen():
 
 def test_grouped_query_keys_are_never_repeated(monkeypatch):
     """The chunked path reads K/V per kv head: expand_heads is not called, and the result is the reference's."""
-    import lolcats.ops.chunked as chunked
+    import lolcats.runtime.ops_chunked as chunked
 
     q, k, v, fq, fk, gamma = inputs()
     window = Window("terrace", 4)

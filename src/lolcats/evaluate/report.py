@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ..checkpoint import atomic_write_bytes, read_manifest
+from ..artifacts import atomic_write_bytes, read_manifest
 from ..jsonl import jsonl_objects
 
 REPORT = "report.html"
@@ -191,8 +191,6 @@ def _points(records: list[dict], key: str) -> list[tuple[float, float]]:
 
 def _decode_png(result: Mapping) -> bytes:
     # plot_decode is the one `lolcats bench decode --plot` uses; it only writes to a path.
-    from ..bench import plot_decode
-
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "decode.png"
         plot_decode(dict(result), path)
@@ -434,3 +432,29 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else directory / REPORT
     atomic_write_bytes(out, page.encode("utf-8"))
     return out
+
+
+def plot_decode(result: dict, path: str | Path) -> None:
+    """ms/token and cache MiB against context, one line per model (`lolcats bench decode --plot`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = result["contexts"]
+    names = [name for name in result if isinstance(result[name], dict)]
+    figure, (latency, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in names:
+        latency.plot(contexts, result[name]["ms_per_token"], marker="o", label=name)
+        memory.plot(contexts, [b / 2**20 for b in result[name]["cache_bytes"]], marker="o", label=name)
+    for axis, label in ((latency, "ms per generated token"), (memory, "cache MiB")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context (tokens)")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    memory.set_yscale("log")
+    figure.suptitle("decode after prefilling to each context")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

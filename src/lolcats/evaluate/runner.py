@@ -7,6 +7,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..artifacts import base_model_spec, is_linearized_folder, load_model, tokenizer_for
+from ..models import load_base_model
+from .fidelity import fidelity, text_windows
 from .scoring import encode, rolling_loglikelihood, rows_per_forward
 from .tasks import evaluate_task, load_task, task_files
 
@@ -43,7 +46,6 @@ def evaluate_model(
     fidelity_tokens: int = 4096,
     echo: Callable[[str], None] = print,
 ) -> dict:
-    from ..generation import base_model_spec, is_linearized_folder, load_model, tokenizer_for
 
     linearized = is_linearized_folder(spec)
     task_dir = Path(task_dir) if task_dir else (DEFAULT_TASK_DIR if DEFAULT_TASK_DIR.is_dir() else None)
@@ -76,8 +78,6 @@ def evaluate_model(
         norm = f", acc_norm {scores['acc_norm']:.4f}" if scores["acc_norm"] is not None else ""
         echo(f"{task.name}: acc {scores['acc']:.4f}{norm} (n={scores['n']}, {scores['choices_per_minute']:.0f} choices/min)")
     if linearized and with_fidelity and texts:
-        from ..models import load_base_model
-        from .fidelity import fidelity, text_windows
 
         teacher = load_base_model(base_model_spec(spec))
         # A bounded sample, stated in the JSON: the first `fidelity_tokens` tokens of the first text, in

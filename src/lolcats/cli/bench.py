@@ -12,10 +12,16 @@ import gc
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .cache import cache_nbytes
+import typer
+
+from ..artifacts import base_model_spec, is_linearized_folder, load_model
+from ..evaluate.report import plot_decode
+from ..runtime.cache import cache_nbytes
+from .app import app, fail
 
 
 def _reset_peak_rss() -> bool:
@@ -162,26 +168,46 @@ def bench_decode(models: dict, contexts: list[int], *, new_tokens: int = 16, ech
     return result
 
 
-def plot_decode(result: dict, path: str | Path) -> None:
-    import matplotlib
+bench = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+app.add_typer(bench, name="bench")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    contexts = result["contexts"]
-    names = [name for name in result if isinstance(result[name], dict)]
-    figure, (latency, memory) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in names:
-        latency.plot(contexts, result[name]["ms_per_token"], marker="o", label=name)
-        memory.plot(contexts, [b / 2**20 for b in result[name]["cache_bytes"]], marker="o", label=name)
-    for axis, label in ((latency, "ms per generated token"), (memory, "cache MiB")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("context (tokens)")
-        axis.set_ylabel(label)
-        axis.grid(True, alpha=0.3)
-        axis.legend()
-    memory.set_yscale("log")
-    figure.suptitle("decode after prefilling to each context")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+@bench.command("decode")
+def decode_command(
+    model: str = typer.Option(..., help="A linearized output folder; its base model is benchmarked beside it as the teacher."),
+    contexts: str = typer.Option("1024,4096,16384,32768", help="Comma-separated context lengths to prefill before decoding."),
+    new_tokens: int = typer.Option(16, help="Tokens decoded (and timed) after each prefill."),
+    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also measure the base model (softmax, KV cache)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of ms/token and cache bytes against context."),
+) -> None:
+    """Prefill time, ms per generated token, cache bytes and peak RSS at each context, linearized vs teacher."""
+    import json
+
+    import torch
+
+
+    try:
+        context_list = [int(c) for c in contexts.split(",") if c.strip()]
+        if not context_list or min(context_list) < 1:
+            raise ValueError(f"--contexts needs positive integers, got {contexts!r}")
+        if not is_linearized_folder(model):
+            raise ValueError(f"{model} is not a linearized output folder (no lolcats.json)")
+        if threads:
+            torch.set_num_threads(threads)
+        models = {"linearized": load_model(model)}
+        if teacher:
+            # The teacher in the linearized model's dtype: the comparison is of attention, not of precision.
+            models["teacher"] = load_model(base_model_spec(model),
+                                           dtype=models["linearized"].get_input_embeddings().weight.dtype)
+        result = bench_decode(models, context_list, new_tokens=new_tokens, echo=typer.echo)
+        result["model"] = model
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        fail(err)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_decode(result, plot)

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..checkpoint import atomic_write_bytes, load_trainer_checkpoint, save_trainer_checkpoint
+from ..artifacts import atomic_write_bytes
 from ..data import Batch, Example, batch_stream, make_batches
+from . import distributed
+from .checkpoints import load_trainer_checkpoint, save_trainer_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -158,8 +160,6 @@ def _data_parallel(parameters: Mapping[str, torch.nn.Parameter], loss_fn: Callab
     process starts from the same state)."""
     if distributed.world_size() == 1 or sharded:
         return loss_fn
-    from torch.nn.parallel import DistributedDataParallel
-
     device = next(iter(parameters.values())).device
     return DistributedDataParallel(_Loss(parameters, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
                                    static_graph=True)

@@ -23,18 +23,25 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..checkpoint import ArtifactError, atomic_save_tensors, atomic_write_json, read_tensors, weights_hash
-from ..convert import linearized_layers, set_attention_mode
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..artifacts import ArtifactError, atomic_save_tensors, atomic_write_json, copy_tensors_into, read_tensors, weights_hash
+from ..convert import convert, linearized_layers, set_attention_mode
 from ..data import Batch
-from ..families import family_for
-from .loop import StageData, StageSettings
+from ..models import load_base_model, resolve_model_path
+from ..runtime import family_for
+from . import distributed
+from .config import RunConfig
+from .loop import StageData, StageSettings, example_data, train_stage
+from .prepare import Prepared, prepare
+from .transfer import transfer_loss_fn, transfer_parameters
 
 PLAN = "plan.json"
 BATCHES = "batches.safetensors"
@@ -342,7 +349,6 @@ def block_view(model: nn.Module, block: range):
 def block_loss_fn(model: nn.Module, activations: StoredActivations, *, mse_scale: float = 1000.0,
                   attention_ce: float = 0.0) -> Callable[[Batch], torch.Tensor]:
     """The stage-1 loss of the layers in view, on stored inputs instead of the embeddings."""
-    from .transfer import transfer_loss_fn
 
     def inputs(batch: Batch, device: torch.device, dtype: torch.dtype) -> dict:
         return {"inputs_embeds": activations.hidden(batch).to(device=device, dtype=dtype)}
@@ -364,8 +370,6 @@ def train_block(
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Train one block's feature maps and γ from its stored inputs; returns (tensors, summary)."""
-    from .loop import train_stage
-    from .transfer import transfer_parameters
 
     start, stop = plan["blocks"][block_index]
     block = range(start, stop)
@@ -388,8 +392,6 @@ def load_block_model(spec: str, conversion, block: range, *, dtype: torch.dtype 
 
     A base model that is not a safetensors folder (GGUF, hub id) is loaded whole and trimmed.
     """
-    from ..convert import convert
-    from ..models import load_base_model, resolve_model_path
 
     location, gguf_file = resolve_model_path(spec)
     files = sorted(Path(location).glob("*.safetensors")) if Path(location).is_dir() and not gguf_file else []
@@ -410,7 +412,6 @@ def load_block_model(spec: str, conversion, block: range, *, dtype: torch.dtype 
 def _meta_model_with_block(location: str, files: list[Path], block: range, dtype: torch.dtype) -> nn.Module | None:
     """The model skeleton on the meta device with the block's layers (and rotary tables) materialised;
     None when the checkpoint's names do not match the model's (then the caller loads it whole)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(location)
     with torch.device("meta"):
@@ -473,3 +474,112 @@ def stitch(run_dir: Path, plan: dict) -> tuple[dict[str, torch.Tensor], dict[str
         merged.update(tensors)
         summaries[str(b)] = json.loads(metadata["summary"])
     return merged, summaries
+
+
+# ---- the three phases for a run (the CLI's `lolcats blockwise collect|train|stitch`, and linearize) -------
+
+def _blockwise_identity(run: RunConfig, base_fingerprint: dict) -> dict:
+    """What the stored activations depend on (the batches themselves are recorded by content)."""
+    return {"base_model": base_fingerprint, "conversion": run.conversion.model_dump(mode="json"),
+            "block_size": run.block_size, "dtype": run.activation_dtype}
+
+
+def _block_training(run: RunConfig) -> dict:
+    """What a trained block depends on besides its activations: a change retrains it."""
+    return {"stage": asdict(run.stage1()), "mse_scale": run.mse_scale,
+            "attention_ce": run.attention_ce}
+
+
+def _require_block_size(run: RunConfig) -> int:
+    if not run.block_size:
+        raise ValueError("block-wise training needs a block size (--block-size K, or block_size in the YAML)")
+    return run.block_size
+
+
+def blockwise_collect(run: RunConfig, prepared: Prepared | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Phase 1: the teacher's hidden states entering each block, for every batch stage 1 will see."""
+    block_size = _require_block_size(run)
+    if prepared is None:
+        prepared = prepare(run, echo)
+        convert(prepared.model, run.conversion)
+    stage1 = run.stage1()
+    train, held = planned_batches(
+        example_data(prepared.train, prepared.held, stage1, seed=run.seed, pad_id=prepared.pad_id), run.stage1_tokens)
+    # Every process computes the same plan and writes its share of the shards (process 0 also the plan).
+    collect(prepared.model, train, held, block_size, run.activations_dir(),
+                      identity=_blockwise_identity(run, prepared.base_fingerprint), dtype=run.activation_dtype,
+                      echo=echo, process=(distributed.rank(), distributed.world_size()))
+    distributed.barrier()
+    if distributed.is_main() and distributed.world_size() > 1:
+        mark_complete(run.activations_dir())
+    distributed.barrier()
+    return read_plan(run.activations_dir())
+
+
+def blockwise_train(run: RunConfig, block: int, model: torch.nn.Module | None = None,
+                    echo: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Phase 2 for one block: train it from its stored inputs (loading only its layers if ``model`` is None);
+    writes <out>/blockwise/block-NNN/feature_maps.safetensors. A block already trained for the same
+    collection and settings is not trained again."""
+    _require_block_size(run)
+    plan = read_plan(run.activations_dir())
+    if not 0 <= block < len(plan["blocks"]):
+        raise ValueError(f"block {block} does not exist: the model has blocks 0-{len(plan['blocks']) - 1}")
+    if block not in plan["stored_blocks"]:
+        echo(f"block {block}: no layer to train (layers {plan['blocks'][block]} keep softmax attention)")
+        return {}
+    if plan["identity"]["block_size"] != run.block_size or plan["identity"]["conversion"] != run.conversion.model_dump(mode="json"):
+        raise ArtifactError(f"{run.activations_dir()} was collected with another block size or conversion; collect again")
+    run_dir = Path(run.out) / "blockwise"
+    output = block_output(run_dir, block)
+    training = _block_training(run)
+    if output.is_file():
+        _, metadata = read_tensors(output)
+        summary = json.loads(metadata.get("summary", "{}"))
+        if metadata.get("identity") == json.dumps(plan["identity"], sort_keys=True) and summary.get("training") == training:
+            echo(f"block {block}: already trained ({output})")
+            return summary
+    start, stop = plan["blocks"][block]
+    if model is None:
+        model = load_block_model(run.model, run.conversion, range(start, stop), dtype=run.torch_dtype(),
+                                           device=distributed.training_device(), echo=echo)
+    torch.manual_seed(run.seed)
+    tensors, summary = train_block(
+        model, block, run.activations_dir(), plan, run.stage1(),
+        run_dir=run_dir / f"block-{block:03d}", mse_scale=run.mse_scale, attention_ce=run.attention_ce,
+        resume=run.resume, progress=progress,
+    )
+    summary = {**summary, "layers": [start, stop], "training": training}
+    if distributed.is_main():
+        save_block(output, tensors, summary, plan)
+    distributed.barrier()
+    echo(f"block {block} (layers {start}-{stop - 1}): eval loss {summary['first_eval_loss']:.4g} -> "
+         f"{summary['best_eval_loss']:.4g}, {summary['tokens_per_s']:.0f} tok/s; saved {output}")
+    return summary
+
+
+def blockwise_stitch(run: RunConfig, model: torch.nn.Module | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Phase 3: merge the blocks into <out>/blockwise/stage1.safetensors (and into ``model`` if given)."""
+    plan = read_plan(run.activations_dir())
+    run_dir = Path(run.out) / "blockwise"
+    tensors, summaries = stitch(run_dir, plan)
+    trainings = {json.dumps(summary.get("training"), sort_keys=True) for summary in summaries.values()}
+    if len(trainings) > 1:
+        raise ArtifactError("the blocks were trained with different stage-1 settings; train them again with one config")
+    if model is not None:
+        copy_tensors_into(transfer_parameters(model), tensors, "the stitched blocks")
+    summary = {"block_size": plan["block_size"], "blocks": summaries,
+               "tokens": sum(s["tokens"] for s in summaries.values()),
+               "seconds": sum(s["seconds"] for s in summaries.values())}
+    if distributed.is_main():
+        save_block(run_dir / "stage1.safetensors", tensors, summary, plan)
+    echo(f"stitched {len(summaries)} block(s) into {run_dir / 'stage1.safetensors'}")
+    return summary
+
+
+def blockwise_stage1(run: RunConfig, prepared: Prepared, echo: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """All three phases in this process, on the loaded model (each phase skips what is already done)."""
+    plan = blockwise_collect(run, prepared, echo)
+    for block in plan["stored_blocks"]:
+        blockwise_train(run, block, prepared.model, echo=echo, progress=progress)
+    return blockwise_stitch(run, prepared.model, echo)

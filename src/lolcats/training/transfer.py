@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..attention import LinearizedAttention
 from ..convert import linearized_layers, set_attention_mode
+from ..runtime import LinearizedAttention
 from ..data import Batch
 
 

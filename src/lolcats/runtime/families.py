@@ -1,4 +1,8 @@
-"""What lolcats needs to know about a model family: where attention lives and how it makes q, k, v."""
+"""One small adapter per model family, chosen by ``config.model_type``: where attention lives, how it makes
+q, k and v (RoPE, q/k norm, grouped-query heads), the teacher's own window, and local/global layers.
+
+A family overrides only what differs from the Llama-style defaults of ``AttentionFamily``. To add one:
+subclass it below and list it in ``FAMILIES``."""
 
 from __future__ import annotations
 
@@ -66,3 +70,70 @@ class AttentionFamily:
         cos, sin = position_embeddings
         q, k = apply_rotary(q, k, cos, sin)
         return q, k, v
+
+
+class Llama(AttentionFamily):
+    name = "llama"
+    model_types = ("llama",)
+
+
+class Mistral(AttentionFamily):
+    """Llama layout; a configured `sliding_window` is the teacher's window on every layer and is honoured."""
+
+    name = "mistral"
+    model_types = ("mistral",)
+
+    def teacher_window(self, attention) -> int | None:
+        return getattr(attention.config, "sliding_window", None)
+
+
+class Qwen2(AttentionFamily):
+    """Llama layout with biases on q/k/v (they live inside the projections, so nothing changes here)."""
+
+    name = "qwen2"
+    model_types = ("qwen2",)
+
+
+class Qwen3(AttentionFamily):
+    """Llama layout plus per-head RMSNorm on q and k before RoPE."""
+
+    name = "qwen3"
+    model_types = ("qwen3",)
+    qk_norm = True
+
+
+class Gemma3Text(AttentionFamily):
+    """Gemma 3 text: q/k RMSNorm, scaling from query_pre_attn_scalar (the module's own `scaling`),
+    and a local/global pattern: most layers are sliding-window softmax (512 tokens for 270M), every
+    sixth is global.
+
+    Local layers already run in constant memory, so by default they stay exactly as the teacher has
+    them and only the global layers become hybrid (`local_layers="keep"`). With
+    `local_layers="linearize"` they are converted too; their teacher (distillation target) remains the
+    sliding-window softmax.
+    """
+
+    name = "gemma3_text"
+    model_types = ("gemma3_text",)
+    qk_norm = True
+
+    def is_local_layer(self, model_config, layer_idx: int) -> bool:
+        layer_types = getattr(model_config, "layer_types", None)
+        return bool(layer_types) and layer_types[layer_idx] == "sliding_attention"
+
+
+FAMILIES: dict[str, AttentionFamily] = {
+    model_type: family() for family in (Llama, Mistral, Qwen2, Qwen3, Gemma3Text) for model_type in family.model_types
+}
+
+
+def family_for(model_config) -> AttentionFamily:
+    model_type = getattr(model_config, "model_type", None)
+    try:
+        family = FAMILIES[model_type]
+    except KeyError:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; lolcats supports: {', '.join(sorted(FAMILIES))}"
+        ) from None
+    family.check_supported(model_config)
+    return family

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import Window, check_inputs, gamma_per_head, normalise, row_starts, softmax_terms
+from .ops_common import Window, check_inputs, gamma_per_head, normalise, row_starts, softmax_terms
 
 
 @dataclass

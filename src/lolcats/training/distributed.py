@@ -12,8 +12,10 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
-from .data import Batch
+from ..data import Batch
 
 
 def init_from_environment() -> None:
@@ -80,16 +82,12 @@ def shard_rows(batch: Batch) -> Batch:
 def shard_model(model: torch.nn.Module, layers) -> None:
     """FSDP (torch's fully_shard): every decoder layer, then the rest, sharded over the processes, so each
     holds 1/world of the frozen base weights; parameters become DTensors, gathered layer by layer in use."""
-    from torch.distributed.fsdp import fully_shard
-
     for layer in layers:
         fully_shard(layer)
     fully_shard(model)
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(tensor, DTensor)
 
 

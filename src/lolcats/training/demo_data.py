@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_bytes
+from ..artifacts import atomic_write_bytes
 
 
 def cache_dir() -> Path:

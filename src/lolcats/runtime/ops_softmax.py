@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .chunked import hybrid_attention_chunked
-from .common import Window, row_starts, shift_rows, unshift_rows
+from .ops_chunked import hybrid_attention_chunked
+from .ops_common import Window, row_starts, shift_rows, unshift_rows
 
 
 def softmax_attention(

@@ -6,13 +6,16 @@ import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 import torch
+import typer
 
-from .config import LinearizeConfig
-from .convert import convert, linearized_layers, trainable_parameters
-from .families import family_for
-from .models import load_base_model, load_tokenizer
+from ..config import LinearizeConfig, load_yaml
+from ..convert import convert, linearized_layers, trainable_parameters
+from ..models import DEFAULT_MODEL, load_base_model, load_tokenizer
+from ..runtime import family_for
+from .app import app, fail
 
 SAMPLE_TEXT = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
@@ -80,3 +83,30 @@ def conversion_report(
     echo(f"perplexity       teacher {report['teacher_ppl']:.3f}, converted before training "
          f"{report['untrained_ppl']:.3f} on {ids.shape[1]} tokens")
     return report
+
+
+@app.command("convert")
+def convert_command(
+    model: str = typer.Option(DEFAULT_MODEL, help="Local HF model folder, hub id, .gguf file, or 'gemma3-270m' (the packaged default)."),
+    attention: Optional[str] = typer.Option(None, help="lolcats (default) | sliding | linear | window"),
+    feature_map: Optional[str] = typer.Option(None, help="hedgehog (default) | t2r | elu | relu | taylor"),
+    window: Optional[int] = typer.Option(None, help="Softmax window in tokens (default 64)."),
+    feature_dim: Optional[int] = typer.Option(None, help="Feature-map width per head (default 64; hedgehog gives 2x)."),
+    config: Optional[Path] = typer.Option(None, help="YAML file with LinearizeConfig keys; flags given here override it."),
+    text: Optional[Path] = typer.Option(None, help="Text file for the quality check (default: a built-in sentence)."),
+    seq_len: int = typer.Option(512, help="Tokens of --text used for the check."),
+) -> None:
+    """Convert MODEL (untrained feature maps) and report what changed and how far the untrained model is.
+
+    Prints the converted layers, trainable parameters, an exactness check (a window covering the whole
+    input must reproduce the teacher's logits) and teacher vs untrained-converted perplexity on the text.
+    Training (attention transfer, LoRA) is not available yet.
+    """
+    settings = load_yaml(config) if config else {}
+    flags = dict(attention=attention, feature_map=feature_map, window=window, feature_dim=feature_dim)
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    try:
+        linearize_config = LinearizeConfig(**settings)
+        conversion_report(model, linearize_config, text=text, seq_len=seq_len, echo=typer.echo)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        fail(err)

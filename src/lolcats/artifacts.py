@@ -18,6 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .config import LinearizeConfig
+from .convert import add_lora, convert, merge_lora, set_attention_mode
+from .models import load_base_model, load_tokenizer, resolve_dtype
+
 MANIFEST = "lolcats.json"
 ADAPTER = "adapter.safetensors"
 FORMAT_VERSION = 1
@@ -180,54 +184,69 @@ def copy_tensors_into(expected: Mapping[str, torch.Tensor], saved: Mapping[str, 
             parameter.copy_(saved[name])
 
 
-# ---- trainer checkpoints -------------------------------------------------------------------------
+# ---- the trained model back from disk ------------------------------------------------------------------
 
-def save_trainer_checkpoint(
-    path: Path,
-    parameters: Mapping[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    trainer: Mapping,
-    extra: Mapping[str, torch.Tensor] | None = None,
-    optimizer_state: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
-) -> None:
-    """One file holds the trained tensors, AdamW's moments, the RNG, ``extra`` tensors (e.g. the best
-    state so far) and the loop's counters (as metadata). ``optimizer_state`` replaces the optimizer's own
-    per-parameter state (whole tensors gathered from shards)."""
-    tensors = {f"param.{name}": p for name, p in parameters.items()}
-    tensors.update({f"extra.{name}": t for name, t in (extra or {}).items()})
-    state = optimizer.state_dict()
-    for index, per_param in (optimizer_state if optimizer_state is not None else state["state"]).items():
-        for key, value in per_param.items():
-            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # this process's device
-    metadata = {"trainer": json.dumps(dict(trainer)), "param_groups": json.dumps(state["param_groups"])}
-    atomic_save_tensors(tensors, path, metadata)
+def converted_with_lora(model: torch.nn.Module, conversion: LinearizeConfig, lora: dict | None) -> torch.nn.Module:
+    """``model`` converted as recorded, with empty LoRA adapters of the recorded shape (to load tensors into)."""
+    convert(model, conversion)
+    if lora:
+        add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"], dropout=lora.get("dropout", 0.0))
+    return model
 
 
-def load_trainer_checkpoint(
-    path: Path,
-    parameters: Mapping[str, torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    extra: Mapping[str, torch.Tensor] | None = None,
-) -> dict:
-    """Restore what save_trainer_checkpoint wrote, in place; returns the loop's counters."""
-    tensors, metadata = read_tensors(path)
-    targets = {f"param.{name}": p for name, p in parameters.items()}
-    targets.update({f"extra.{name}": t for name, t in (extra or {}).items()})
-    with torch.no_grad():
-        for key, target in targets.items():
-            if key not in tensors or tensors[key].shape != target.shape:
-                raise ArtifactError(f"{path} has no matching tensor {key}: it belongs to a different run")
-            target.copy_(tensors[key])
-    optim_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            optim_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(metadata["param_groups"])})
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return json.loads(metadata["trainer"])
+def load(directory: str | Path, *, base_model: str | None = None, merge: bool = True, dtype: torch.dtype | None = None):
+    """The trained linearized model saved by ``linearize`` in ``directory``, in linear mode, eval().
+
+    ``base_model`` overrides the base recorded in the manifest (e.g. the same weights in another folder);
+    it must have the fingerprint the adapter was trained on. ``dtype`` is that of the frozen base weights
+    (default: the dtype it was trained in); φ, γ and the attention state stay fp32 in any dtype.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    spec = base_model or manifest["base_model"]["spec"]
+    if dtype is None:
+        dtype = resolve_dtype(manifest.get("dtype", "float32"), "cpu")
+    # fp16 rounds the weights differently from the bf16 samples the fingerprint hashes: check an fp32 load.
+    # (Loading again rather than model.to(fp16), which would also round RoPE's inv_freq buffer.)
+    model = load_base_model(spec, dtype=torch.float32 if dtype == torch.float16 else dtype)
+    which = matches_fingerprint(model, manifest["base_model"])
+    if which:
+        raise ArtifactError(
+            f"{directory} was trained on base model {manifest['base_model']['spec']!r}, but {spec!r} has different "
+            f"{which} (fingerprint mismatch): load it with the base model it was trained on"
+        )
+    if dtype == torch.float16:
+        model = load_base_model(spec, dtype=dtype)
+    lora = manifest.get("lora")
+    converted_with_lora(model, LinearizeConfig.model_validate(manifest["conversion"]), lora)
+    load_adapter_into(model, directory / ADAPTER)
+    if lora and merge:
+        merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    set_attention_mode(model, "linear")
+    model.lolcats_manifest = manifest
+    return model.eval()
+
+
+# ---- "a linearized folder or a base model": what eval, generate, export and bench accept ------------------
+
+def is_linearized_folder(spec: str) -> bool:
+    return (Path(spec).expanduser() / MANIFEST).is_file()
+
+
+def base_model_spec(spec: str) -> str:
+    """The base model of a linearized folder (from its manifest), or ``spec`` itself."""
+    return read_manifest(Path(spec))["base_model"]["spec"] if is_linearized_folder(spec) else spec
+
+
+def load_model(spec: str, dtype: torch.dtype | None = None):
+    """A linearized folder through ``lolcats.load``, anything else as a base (teacher) model. ``dtype`` None:
+    a linearized folder in the dtype it was trained in (what its numbers were measured in), a base in fp32."""
+    if is_linearized_folder(spec):
+        return load(spec, dtype=dtype)
+    return load_base_model(spec, dtype=dtype or torch.float32)
+
+
+def tokenizer_for(spec: str):
+    return load_tokenizer(base_model_spec(spec))

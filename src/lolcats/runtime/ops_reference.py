@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (
+from .ops_common import (
     Window,
     accumulation_dtype,
     check_inputs,

@@ -10,42 +10,16 @@ head over chunks of positions (next_token.py), so memory does not grow with posi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .. import distributed
-from ..attention import LinearizedAttention
 from ..convert import set_attention_mode
 from ..data import IGNORE_INDEX, Batch
 from ..next_token import final_hidden, next_token_loss_sum
-
-
-def lora_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Full module names of ``targets`` (e.g. q_proj) inside converted layers."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, LinearizedAttention):
-            for target in targets:
-                if not isinstance(getattr(module, target, None), nn.Linear):
-                    raise ValueError(f"LoRA target {target!r} is not a linear layer of {name}")
-                names.append(f"{name}.{target}")
-    return names
-
-
-def add_lora(model: nn.Module, *, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0) -> dict:
-    """Inject LoRA adapters in place (no wrapper model); returns the settings needed to rebuild them."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    modules = lora_target_modules(model, targets)
-    if not modules:
-        raise ValueError("the model has no converted layers to put LoRA on")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none")
-    inject_adapter_in_model(config, model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return {"rank": rank, "alpha": alpha, "targets": list(targets), "dropout": dropout}
+from . import distributed
 
 
 def recompute_layers_in_backward(model: nn.Module, enable: bool = True) -> None:
@@ -67,22 +41,6 @@ def recompute_layers_in_backward(model: nn.Module, enable: bool = True) -> None:
 def is_recomputing_layers(model: nn.Module) -> bool:
     name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
     return bool(getattr(model, name, False))
-
-
-def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if "lora_" in name}
-
-
-def merge_lora(model: nn.Module, merge: bool = True) -> None:
-    """Fold every LoRA adapter into its base weight (``merge=False``: drop it) and put the plain linear layer back."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            if merge:
-                module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
 
 
 def _scored(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +80,6 @@ def teacher_kl_loss_fn(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
     """Mean KL(teacher ‖ student) of the next-token distributions at the scored positions. The teacher is the
     same weights in softmax mode with the adapters off; both distributions are computed over the vocabulary
     in chunks of positions (next_token.py), exactly, without (positions × vocabulary) tensors."""
-    from peft.tuners.lora import LoraLayer
-
     device = next(model.parameters()).device
     adapters = [module for module in model.modules() if isinstance(module, LoraLayer)]
     sharded = distributed.is_sharded(next(model.parameters()))

@@ -3,17 +3,17 @@
 Each function has a quadratic reference beside its fast paths; the tests hold them together.
 """
 
-from .chunked import hybrid_attention_chunked, linear_attention_chunked
-from .common import Window, expand_heads
-from .recurrent import (
+from .ops_chunked import hybrid_attention_chunked, linear_attention_chunked
+from .ops_common import Window, expand_heads
+from .ops_recurrent import (
     RecurrentState,
     hybrid_attention_recurrent,
     hybrid_attention_step,
     linear_attention_recurrent,
     recurrent_state_from_prefix,
 )
-from .reference import hybrid_attention_reference, hybrid_attention_weights, linear_attention_reference
-from .softmax import softmax_attention
+from .ops_reference import hybrid_attention_reference, hybrid_attention_weights, linear_attention_reference
+from .ops_softmax import softmax_attention
 
 __all__ = [
     "RecurrentState",

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import (
+from .ops_common import (
     Window,
     accumulation_dtype,
     check_inputs,

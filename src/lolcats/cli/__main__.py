@@ -1,0 +1,5 @@
+"""``python -m lolcats.cli`` (what launchers such as torchrun run)."""
+
+from . import app
+
+app()

@@ -1,0 +1,59 @@
+"""`lolcats eval` (perplexity, tasks, fidelity to the teacher) and `lolcats lm-eval` (the harness's own CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..evaluate.runner import evaluate_model, format_table
+from .app import app, fail
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., help="A linearized output folder or a base model (folder, hub id, .gguf, 'gemma3-270m')."),
+    text: Optional[list[Path]] = typer.Option(None, help="Text file for perplexity (BOS + whole file, sliding windows); repeatable."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (file stems in --task-dir); default: all there."),
+    task_dir: Optional[Path] = typer.Option(None, help="Folder of task .jsonl files (default ../shared/data/eval when present)."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N items of each task (same items for every model)."),
+    num_fewshot: int = typer.Option(0, help="Few-shot examples per item, drawn from the same file with a fixed seed."),
+    seq_len: int = typer.Option(1024, help="Window for perplexity and the longest scored sequence for tasks."),
+    stride: Optional[int] = typer.Option(None, help="New tokens predicted per perplexity window (default: --seq-len minus 1; smaller gives more context)."),
+    max_text_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of each --text file."),
+    batch_size: int = typer.Option(8, help="Sequences per forward."),
+    fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="For linearized models with --text: per-layer attention error and KL to the teacher."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+) -> None:
+    """Perplexity, zero/few-shot tasks from local jsonl files and fidelity to the teacher."""
+    try:
+        result = evaluate_model(
+            model, texts=list(text or []), tasks=[t for t in tasks.split(",") if t] if tasks else None,
+            task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, seq_len=seq_len, stride=stride,
+            max_text_tokens=max_text_tokens, batch_size=batch_size, with_fidelity=fidelity, echo=typer.echo,
+        )
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        fail(err)
+    typer.echo("")
+    typer.echo(format_table(result))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_command(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="A linearized output folder or a base model."),
+) -> None:
+    """Run lm-evaluation-harness's own CLI on MODEL; every other argument goes to lm-eval (--tasks, --limit, ...)."""
+    try:
+        from ..evaluate.lm_eval_model import run_harness_cli
+    except ImportError:
+        fail(ValueError("lm-eval is not installed: pip install 'lolcats[eval]'"))
+    try:
+        run_harness_cli(model, list(ctx.args))
+    except (ValueError, FileNotFoundError) as err:
+        fail(err)

@@ -1,0 +1,188 @@
+"""`lolcats linearize` and `lolcats blockwise collect|train|stitch`: a RunConfig from a YAML recipe with the
+flags on top, then the training package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..config import LinearizeConfig, load_yaml
+from ..training.blockwise import blockwise_collect, blockwise_stitch, blockwise_train
+from ..training.config import RunConfig
+from ..training.distributed import init_from_environment
+from ..training.linearize import linearize as run_linearize
+from ..training.loop import TrainingError
+from .app import app, fail
+
+
+def recipe_path(config: str) -> Path:
+    """A YAML path, or the name of a recipe shipped in lolcats/configs."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    packaged = Path(__file__).parents[1] / "configs" / f"{config}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise typer.BadParameter(f"{config} is neither a YAML file nor a packaged recipe "
+                             f"({', '.join(p.stem for p in sorted(packaged.parent.glob('*.yaml')))})")
+
+
+def run_config(config: Optional[str], flags: dict, resume: bool = False):
+    """RunConfig from a YAML recipe (default without --model: gemma3-270m-cpu) with the given flags on top."""
+    if config is None and flags.get("model") is None:
+        config = "gemma3-270m-cpu"
+    settings = load_yaml(recipe_path(config)) if config else {}
+    given = {key: value for key, value in flags.items() if value is not None}
+    # The flat conversion flags (--window, --feature-map, ...) land in the nested `conversion` settings.
+    conversion = {key: given.pop(key) for key in list(given) if key in LinearizeConfig.model_fields}
+    settings.update(given)
+    if conversion:
+        settings["conversion"] = {**(settings.get("conversion") or {}), **conversion}
+    if flags.get("lora_rank") is not None and "lora_alpha" not in settings:
+        settings["lora_alpha"] = 2.0 * flags["lora_rank"]
+    settings["resume"] = resume
+    settings.setdefault("out", "lolcats-out")
+    return RunConfig(**settings)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--softmax-layers takes comma-separated layer indices, got {text!r}") from None
+
+
+_MODEL_HELP = "Local HF folder, hub id or .gguf file (default: the packaged Gemma-3-270M)."
+_CONFIG_HELP = ("YAML with the same keys as these flags (underscores; conversion flags under `conversion:`), or a "
+                "packaged recipe name (stories260k-cpu, "
+                "gemma3-270m-cpu); flags override it. Default without --model: gemma3-270m-cpu.")
+_BLOCK_SIZE_HELP = "Layers per block for block-wise stage 1 (stored teacher activations; see `lolcats blockwise`)."
+_ACTIVATIONS_HELP = "Folder for the stored block inputs (default: OUT/blockwise/activations)."
+
+
+@app.command("linearize")
+def linearize_command(
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    data: Optional[list[Path]] = typer.Option(None, help="Training text (.txt: blank-line separated documents) or .jsonl; repeatable."),
+    out: Optional[Path] = typer.Option(None, help="Output folder: lolcats.json, adapter.safetensors, logs/, checkpoints/."),
+    config: Optional[str] = typer.Option(None, help=_CONFIG_HELP),
+    attention: Optional[str] = typer.Option(None, help="lolcats | sliding | linear | window"),
+    feature_map: Optional[str] = typer.Option(None, help="hedgehog | t2r | elu | relu | taylor"),
+    window: Optional[int] = typer.Option(None, help="Softmax window in tokens (default 64)."),
+    feature_dim: Optional[int] = typer.Option(None, help="Feature-map width per head (default 64; hedgehog gives 2x)."),
+    gamma_init: Optional[float] = typer.Option(None, help="Initial weight γ of the softmax window against the linear term (default 0.1)."),
+    chunk_size: Optional[int] = typer.Option(None, help="Chunk length of the O(L) attention path (default 64)."),
+    softmax_layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices that keep softmax attention."),
+    local_layers: Optional[str] = typer.Option(None, help="keep | linearize: a local/global model's sliding-window layers."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per training sequence (default 512)."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Tokens per optimizer step (default 4096)."),
+    micro_batch_tokens: Optional[int] = typer.Option(None, help="Tokens per forward/backward within a step (default 1024; same update): lower it to use less memory."),
+    activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help="Stage 2 recomputes each layer in backward: about half the memory, about a fifth slower."),
+    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float32: the frozen base weights' dtype (auto: bf16 where the device computes it natively)."),
+    stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens; 0 skips stage 1 (LoRA-only baseline)."),
+    stage2_tokens: Optional[int] = typer.Option(None, help="LoRA tokens; 0 skips stage 2."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (default 8; alpha = 2 x rank unless set in YAML)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order, split and initialisation."),
+    eval_text: Optional[list[Path]] = typer.Option(None, help="Text for the final teacher vs linearized perplexity; repeatable."),
+    blockwise: bool = typer.Option(False, "--blockwise", help="Stage 1 block by block from stored teacher activations (needs --block-size)."),
+    block_size: Optional[int] = typer.Option(None, help=_BLOCK_SIZE_HELP),
+    activations: Optional[Path] = typer.Option(None, help=_ACTIVATIONS_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoints in --out."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Linearize MODEL: convert, train the feature maps (stage 1), LoRA (stage 2), save, report perplexity.
+
+    Runs the same under `torchrun --nproc-per-node N -m lolcats.cli linearize ...` (or another launcher that sets
+    torch.distributed's environment)
+    (data parallel, gloo on CPU, nccl on GPUs): the global batch stays --batch-tokens.
+    """
+    if blockwise and block_size is None:
+        fail(ValueError("--blockwise needs --block-size K (layers per block)"))
+    if block_size is not None and not blockwise:
+        fail(ValueError("--block-size is for block-wise training: add --blockwise"))
+    flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
+                 attention=attention, feature_map=feature_map, window=window, feature_dim=feature_dim,
+                 gamma_init=gamma_init, chunk_size=chunk_size, local_layers=local_layers,
+                 softmax_layers=None if softmax_layers is None else _layer_list(softmax_layers),
+                 seq_len=seq_len,
+                 batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens,
+                 activation_checkpointing=activation_checkpointing, dtype=dtype, stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,
+                 eval_text=[str(p) for p in eval_text] if eval_text else None, block_size=block_size,
+                 activations=str(activations) if activations else None)
+    try:
+        run_linearize(run_config(config, flags, resume), echo=typer.echo, progress=not quiet)
+    except (ValueError, FileNotFoundError, NotImplementedError, TrainingError) as err:
+        fail(err)
+
+
+blockwise_app = typer.Typer(
+    help="Block-wise attention transfer in three phases, each restartable and runnable alone: `collect` (teacher "
+    "hidden states at block boundaries), `train --block i` (one block, from its stored inputs, on any machine), "
+    "`stitch` (merge the blocks). Then `lolcats linearize --blockwise` with the same settings runs stage 2.",
+    no_args_is_help=True,
+)
+app.add_typer(blockwise_app, name="blockwise")
+
+
+def _blockwise_run(config, model, data, out, block_size, activations, stage1_tokens, seed, resume=False):
+    flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
+                 block_size=block_size, activations=str(activations) if activations else None,
+                 stage1_tokens=stage1_tokens, seed=seed)
+    return run_config(config, flags, resume)
+
+
+@blockwise_app.command("collect")
+def collect_command(
+    config: Optional[str] = typer.Option(None, help=_CONFIG_HELP),
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    data: Optional[list[Path]] = typer.Option(None, help="Training text or .jsonl; repeatable."),
+    out: Optional[Path] = typer.Option(None, help="The run's output folder."),
+    block_size: Optional[int] = typer.Option(None, help=_BLOCK_SIZE_HELP),
+    activations: Optional[Path] = typer.Option(None, help=_ACTIVATIONS_HELP),
+    stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens (what is collected)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order and split."),
+) -> None:
+    """Run the teacher once; store the hidden states entering each block (refuses if the disk is too small)."""
+    try:
+        blockwise_collect(_blockwise_run(config, model, data, out, block_size, activations, stage1_tokens, seed), echo=typer.echo)
+    except (ValueError, FileNotFoundError) as err:
+        fail(err)
+
+
+@blockwise_app.command("train")
+def train_command(
+    block: int = typer.Option(..., help="Index of the block to train (0-based)."),
+    config: Optional[str] = typer.Option(None, help=_CONFIG_HELP),
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    out: Optional[Path] = typer.Option(None, help="The run's output folder."),
+    block_size: Optional[int] = typer.Option(None, help=_BLOCK_SIZE_HELP),
+    activations: Optional[Path] = typer.Option(None, help=_ACTIVATIONS_HELP),
+    stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens."),
+    seed: Optional[int] = typer.Option(None, help="Seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue this block from its checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train one block from its stored inputs; only its layers' weights are loaded (safetensors folders)."""
+    try:
+        init_from_environment()
+        blockwise_train(_blockwise_run(config, model, None, out, block_size, activations, stage1_tokens, seed, resume), block,
+              echo=typer.echo, progress=not quiet)
+    except (ValueError, FileNotFoundError, TrainingError) as err:
+        fail(err)
+
+
+@blockwise_app.command("stitch")
+def stitch_command(
+    config: Optional[str] = typer.Option(None, help=_CONFIG_HELP),
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    out: Optional[Path] = typer.Option(None, help="The run's output folder."),
+    block_size: Optional[int] = typer.Option(None, help=_BLOCK_SIZE_HELP),
+    activations: Optional[Path] = typer.Option(None, help=_ACTIVATIONS_HELP),
+) -> None:
+    """Merge the trained blocks into OUT/blockwise/stage1.safetensors."""
+    try:
+        blockwise_stitch(_blockwise_run(config, model, None, out, block_size, activations, None, None), echo=typer.echo)
+    except (ValueError, FileNotFoundError) as err:
+        fail(err)

@@ -1,6 +1,0 @@
-from .base import AttentionFamily
-
-
-class Llama(AttentionFamily):
-    name = "llama"
-    model_types = ("llama",)

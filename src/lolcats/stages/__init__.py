@@ -1,1 +1,0 @@
-"""Training recipes: plain loops a reader can follow top to bottom."""
