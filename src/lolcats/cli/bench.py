@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -46,8 +48,6 @@ def _peak_rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -183,10 +183,6 @@ def decode_command(
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of ms/token and cache bytes against context."),
 ) -> None:
     """Prefill time, ms per generated token, cache bytes and peak RSS at each context, linearized vs teacher."""
-    import json
-
-    import torch
-
 
     try:
         context_list = [int(c) for c in contexts.split(",") if c.strip()]

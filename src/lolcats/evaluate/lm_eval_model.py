@@ -7,6 +7,7 @@ Importing this module registers the model type (it needs ``lm_eval`` installed: 
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -69,8 +70,6 @@ class LolcatsLM(LM):
 
 def run_harness_cli(model: str, harness_args: list[str]) -> None:
     """Run lm-eval's own command line with ``--model lolcats --model_args pretrained=MODEL`` put in front."""
-    import sys
-
     from lm_eval.__main__ import cli_evaluate
 
     if any(arg in ("--model", "-M", "--model_args", "-a") for arg in harness_args):
