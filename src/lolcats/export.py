@@ -25,7 +25,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from . import __version__
+from .version import __version__
 from .artifacts import ArtifactError, atomic_write_json, load, read_manifest, shareable, tokenizer_for
 from .convert import lora_parameters, merge_lora as fold_lora
 
