@@ -311,6 +311,7 @@ def test_eval_of_a_long_text_never_runs_attention_over_more_than_a_window(storie
     monkeypatch.setattr(runner, "is_linearized_folder", lambda spec: True)
     monkeypatch.setattr(runner, "base_model_spec", lambda spec: str(stories260k_path))
     monkeypatch.setattr(runner, "load_model", lambda spec: student)
+    monkeypatch.setattr(runner, "tokenizer_for", lambda spec: tokenizer)
     monkeypatch.setattr(runner, "load_base_model", load_teacher)
 
     def quadratic(*args, **kwargs):

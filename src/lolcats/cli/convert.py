@@ -13,6 +13,7 @@ import typer
 
 from ..config import LinearizeConfig, load_yaml
 from ..convert import convert, linearized_layers, trainable_parameters
+from ..evaluate.perplexity import next_token_nll, window_batches
 from ..models import DEFAULT_MODEL, load_base_model, load_tokenizer
 from ..runtime import family_for
 from .app import app, fail
@@ -24,10 +25,9 @@ SAMPLE_TEXT = (
 
 
 def _perplexity(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-    return math.exp(loss.item())
+    """Of the one (1, L) sequence ``ids``: every token but the first predicted."""
+    total, count = next_token_nll(model, window_batches([(ids[0], 1)], batch_size=1))
+    return math.exp(total / count)
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -11,21 +11,34 @@ Protocols (``protocol=``):
               ``max_tokens`` are cut into windows of ``seq_len``, each scored as BOS + window, so every
               token is predicted. This is the Gemma protocol of shared/data/README.md.
 ppl = exp(total NLL / predicted tokens).
+
+Every perplexity in lolcats is computed by ``next_token_nll`` below: these protocols, the rolling windows of
+``lolcats eval`` (``rolling_windows``; runner.text_perplexity, scoring.rolling_loglikelihood), the held-out
+split of ``lolcats linearize`` (training/linearize.held_out_perplexity) and the ``lolcats convert`` report only
+build the windows or batches it scores.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from ..data import read_documents
+from ..data import IGNORE_INDEX, read_documents
+from ..next_token import final_hidden, next_token_loss_sum
 
 Protocol = Literal["documents", "per-document", "bos-window"]
+
+# (input_ids, attention_mask or None, labels), each (B, L): labels[b, t] is the token position t − 1 must predict,
+# IGNORE_INDEX where nothing is scored (the labels of a causal LM: the input ids where scored; column 0 never is).
+# A None mask means no padding, and the model runs without one.
+ScoredBatch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
+# A window of tokens and how many of its leading tokens are context only (at least 1: the first predicts nothing).
+Window = tuple[Sequence[int] | torch.Tensor, int]
 
 
 @dataclass(frozen=True)
@@ -68,18 +81,62 @@ def perplexity_windows(tokenizer, path: str | Path, *, seq_len: int, protocol: P
 
 
 @torch.no_grad()
+def next_token_nll(model, batches: Iterable[ScoredBatch]) -> tuple[float, int]:
+    """(Σ NLL in nats, tokens) of the scored tokens of ``batches`` (see ``ScoredBatch``), one forward per batch.
+
+    The one perplexity computation: the decoder's final hidden states at the scored positions go through the
+    LM head in chunks (next_token.py), so no positions × vocabulary logits tensor exists; each batch's sum is
+    accumulated in fp32, the total in float64."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for input_ids, attention_mask, labels in batches:
+        targets = labels[:, 1:].to(device)
+        scored = targets != IGNORE_INDEX
+        if not bool(scored.any()):
+            continue
+        mask = None if attention_mask is None else attention_mask.to(device)
+        hidden = final_hidden(model, input_ids.to(device), mask)[:, :-1]
+        total += float(next_token_loss_sum(model, hidden[scored], targets[scored]))
+        count += int(scored.sum())
+    return total, count
+
+
+def window_batches(windows: Sequence[Window], batch_size: int) -> Iterator[ScoredBatch]:
+    """Windows as ``ScoredBatch``es without padding: windows of one length together, ``batch_size`` at a time
+    (shortest length first; a protocol's short tail window runs alone)."""
+    for length in sorted({len(tokens) for tokens, _ in windows}):
+        same = [window for window in windows if len(window[0]) == length]
+        for begin in range(0, len(same), batch_size):
+            rows = same[begin:begin + batch_size]
+            input_ids = torch.stack([torch.as_tensor(tokens, dtype=torch.long) for tokens, _ in rows])
+            labels = input_ids.clone()
+            for row, (_, context) in enumerate(rows):
+                labels[row, :context] = IGNORE_INDEX
+            yield input_ids, None, labels
+
+
+def rolling_windows(token_ids: Sequence[int] | torch.Tensor, *, seq_len: int, stride: int | None = None) -> list[Window]:
+    """Sliding windows over a token stream: each predicts ``stride`` new tokens (default ``seq_len`` − 1: windows
+    overlap by the one token that gives the first prediction its context, as lm-eval's rolling windows do) with
+    up to ``seq_len`` tokens in all, so every token after the first is predicted exactly once and a smaller
+    stride gives each prediction more context. The first token (BOS, when the caller puts one there) is context
+    only."""
+    stride = stride or seq_len - 1
+    if not 0 < stride < seq_len:
+        raise ValueError(f"stride must be in 1..seq_len-1 ({seq_len - 1}), got {stride}")
+    stream = torch.as_tensor(token_ids, dtype=torch.long)
+    windows = []
+    predicted_until = 1
+    while predicted_until < len(stream):
+        end = min(predicted_until + stride, len(stream))
+        begin = max(0, end - seq_len)
+        windows.append((stream[begin:end], predicted_until - begin))
+        predicted_until = end
+    return windows
+
+
 def perplexity(model, tokenizer, path: str | Path, *, seq_len: int = 512, protocol: Protocol = "documents",
                max_tokens: int | None = None, batch_size: int = 4) -> PerplexityResult:
     windows, context = perplexity_windows(tokenizer, path, seq_len=seq_len, protocol=protocol, max_tokens=max_tokens)
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    # Equal lengths batch without padding; the one short tail window runs alone.
-    for length in sorted({len(w) for w in windows}):
-        same = [w for w in windows if len(w) == length]
-        for i in range(0, len(same), batch_size):
-            ids = torch.tensor(same[i:i + batch_size], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            nll = F.cross_entropy(logits[:, context - 1:-1].flatten(0, 1), ids[:, context:].flatten(), reduction="sum")
-            total_nll += float(nll)
-            total_tokens += ids[:, context:].numel()
+    total_nll, total_tokens = next_token_nll(model, window_batches([(w, context) for w in windows], batch_size))
     return PerplexityResult(ppl=math.exp(total_nll / total_tokens), nll=total_nll / total_tokens, tokens=total_tokens)

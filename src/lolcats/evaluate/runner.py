@@ -10,7 +10,8 @@ from pathlib import Path
 from ..artifacts import base_model_spec, is_linearized_folder, load_model, tokenizer_for
 from ..models import load_base_model
 from .fidelity import fidelity, text_windows
-from .scoring import encode, rolling_loglikelihood, rows_per_forward
+from .perplexity import next_token_nll, rolling_windows, window_batches
+from .scoring import encode, rows_per_forward
 from .tasks import evaluate_task, load_task, task_files
 
 DEFAULT_TASK_DIR = Path("../shared/data/eval")
@@ -26,8 +27,9 @@ def text_perplexity(model, tokenizer, path: str | Path, *, seq_len: int, stride:
         ids = [tokenizer.bos_token_id] + ids
     if len(ids) < 2:
         raise ValueError(f"{path}: too little text to score")
-    total, count = rolling_loglikelihood(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size)
-    return {"ppl": math.exp(-total / count), "tokens": count}
+    windows = rolling_windows(ids, seq_len=seq_len, stride=stride)
+    total_nll, count = next_token_nll(model, window_batches(windows, batch_size))
+    return {"ppl": math.exp(total_nll / count), "tokens": count}
 
 
 def evaluate_model(

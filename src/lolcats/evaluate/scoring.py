@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .perplexity import next_token_nll, rolling_windows, window_batches
+
 
 @dataclass(frozen=True)
 class Score:
@@ -123,36 +125,10 @@ def score_pairs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: i
                              max_length=max_length)
 
 
-@torch.no_grad()
 def rolling_loglikelihood(model, token_ids: list[int], *, seq_len: int, stride: int | None = None,
                           batch_size: int = 4) -> tuple[float, int]:
-    """(total log-likelihood, predicted tokens) of a token stream scored by sliding windows.
-
-    Each window predicts ``stride`` new tokens (default ``seq_len`` − 1: windows overlap by the one token
-    that gives the first prediction its context, as lm-eval's rolling windows do) with up to ``seq_len``
-    tokens in all, so every token after the first is predicted exactly once and a smaller stride gives
-    each prediction more context. The first token (BOS, when the caller puts one there) is context only.
-    """
-    stride = stride or seq_len - 1
-    if not 0 < stride < seq_len:
-        raise ValueError(f"stride must be in 1..seq_len-1 ({seq_len - 1}), got {stride}")
-    windows = []  # (begin, end, first predicted index)
-    predicted_until = 1
-    while predicted_until < len(token_ids):
-        end = min(predicted_until + stride, len(token_ids))
-        windows.append((max(0, end - seq_len), end, predicted_until))
-        predicted_until = end
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for first in range(0, len(windows), batch_size):
-        group = windows[first:first + batch_size]
-        for length in sorted({end - begin for begin, end, _ in group}):
-            same = [w for w in group if w[1] - w[0] == length]
-            ids = torch.tensor([token_ids[begin:end] for begin, end, _ in same], device=device)
-            log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-            for row, (begin, end, predict_from) in enumerate(same):
-                targets = ids[row, predict_from - begin:]
-                picked = log_probs[row, predict_from - begin - 1:-1].gather(-1, targets[:, None])
-                total += float(picked.sum())
-                count += targets.numel()
-    return total, count
+    """(total log-likelihood, predicted tokens) of a token stream scored by sliding windows
+    (perplexity.rolling_windows: every token after the first predicted once), ``batch_size`` windows a forward."""
+    total_nll, count = next_token_nll(model, window_batches(rolling_windows(token_ids, seq_len=seq_len, stride=stride),
+                                                            batch_size))
+    return -total_nll, count

@@ -18,14 +18,13 @@ import peft
 import torch
 import transformers
 
-from .. import __version__
 from ..artifacts import ADAPTER, adapter_state, atomic_write_json, converted_with_lora, copy_tensors_into, save_adapter
 from ..convert import add_lora, convert, linearized_layers, lora_parameters, merge_lora, set_attention_mode
 from ..data import IGNORE_INDEX, count_tokens, make_batches
-from ..evaluate.perplexity import perplexity
+from ..evaluate.perplexity import next_token_nll, perplexity
 from ..models import dtype_name, load_base_model
-from ..next_token import final_hidden, next_token_loss_sum
 from ..runtime import family_for
+from ..version import __version__
 from . import distributed
 from .blockwise import blockwise_stage1
 from .config import RunConfig
@@ -175,19 +174,18 @@ def _versions() -> dict:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-@torch.no_grad()
 def held_out_perplexity(model, held, pad_id: int, batch_tokens: int, max_tokens: int) -> float:
     """exp(mean NLL) over the label tokens of (up to ``max_tokens`` of) the held-out examples."""
-    device = next(model.parameters()).device
-    total = count = 0.0
-    for batch in make_batches(held, batch_tokens=batch_tokens, seed=0, epoch=0, pad_id=pad_id):
-        if count >= max_tokens:
-            break
-        labels = batch.labels[:, 1:].to(device)
-        scored = labels != IGNORE_INDEX
-        hidden = final_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device))
-        total += float(next_token_loss_sum(model, hidden[:, :-1][scored], labels[scored]))
-        count += int(scored.sum())
+
+    def batches():
+        scored = 0
+        for batch in make_batches(held, batch_tokens=batch_tokens, seed=0, epoch=0, pad_id=pad_id):
+            if scored >= max_tokens:
+                return
+            yield batch.input_ids, batch.attention_mask, batch.labels
+            scored += int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    total, count = next_token_nll(model, batches())
     return math.exp(total / max(count, 1))
 
 

@@ -1,5 +1,6 @@
-"""The training loop both stages share: token budget, AdamW, warmup + plateau schedule, clipping,
-held-out evaluation with best-state tracking, atomic checkpoints, exact resume and a NaN guard.
+"""The training loop both stages share: token budget, AdamW, the LR schedule (schedule.py: warmup, plateau,
+optional cosine), clipping, held-out evaluation with best-state tracking, atomic checkpoints, exact resume and a
+NaN guard.
 
 A stage supplies only its trainable parameters, a ``loss_fn(batch) -> loss`` (a mean over the batch's
 tokens) and a ``StageData`` (batches in training order + the held-out batches).
@@ -29,6 +30,7 @@ from ..artifacts import atomic_write_bytes
 from ..data import Batch, Example, batch_stream, make_batches
 from . import distributed
 from .checkpoints import load_trainer_checkpoint, save_trainer_checkpoint
+from .schedule import StageSchedule
 
 
 class TrainingError(RuntimeError):
@@ -41,7 +43,7 @@ class StageSettings:
     tokens: int
     lr: float
     batch_tokens: int = 4096
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # the LR schedule's settings (warmup, plateau, decay): see schedule.py
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 25
@@ -185,17 +187,18 @@ def train_stage(
     sharded = any(distributed.is_sharded(p) for p in parameters.values())
     train_loss = _data_parallel(parameters, loss_fn, sharded)
     optimizer = torch.optim.AdamW(parameters.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = StageSchedule(optimizer, settings)  # before a resume loads the optimizer (torch's order)
     eval_batches = data.eval_batches()
     result = StageResult(settings.name)
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "plateau_scale": 1.0, "bad_evals": 0,
-             "best_eval_loss": None, "best_step": None, "first_eval_loss": None, "done": False}
+    state = {"step": 0, "tokens": 0, "seconds": 0.0, "best_eval_loss": None, "best_step": None,
+             "first_eval_loss": None, "done": False}
     best = {name: p.detach().clone() for name, p in parameters.items()}
 
     if resume and checkpoint_path.is_file():
         if sharded:
             raise TrainingError(f"{settings.name}: resuming an FSDP-sharded stage is not supported yet; rerun it "
                                 "without --resume, or resume with parallel: ddp")
-        state = load_trainer_checkpoint(checkpoint_path, parameters, optimizer, extra=best)
+        state = load_trainer_checkpoint(checkpoint_path, parameters, optimizer, extra=best, schedule=schedule)
         distributed.barrier()  # every process has read the checkpoint before rank 0 may rewrite its log
         if main:
             _truncate_log(log_path, state["step"])
@@ -216,9 +219,10 @@ def train_stage(
             moments = {index: {key: distributed.full_tensor(value) for key, value in per_param.items()}
                        for index, per_param in optimizer.state_dict()["state"].items()}
             if main:
-                save_trainer_checkpoint(checkpoint_path, whole, optimizer, state, extra=whole_best, optimizer_state=moments)
+                save_trainer_checkpoint(checkpoint_path, whole, optimizer, state, extra=whole_best, optimizer_state=moments,
+                                        schedule=schedule)
         elif main:
-            save_trainer_checkpoint(checkpoint_path, parameters, optimizer, state, extra=best)
+            save_trainer_checkpoint(checkpoint_path, parameters, optimizer, state, extra=best, schedule=schedule)
 
     def log(record: dict) -> None:
         history.append(record)
@@ -235,15 +239,12 @@ def train_stage(
         loss = evaluate_loss(loss_fn, eval_batches, split=not sharded)
         if state["first_eval_loss"] is None:
             state["first_eval_loss"] = loss
-        if state["best_eval_loss"] is None or loss < state["best_eval_loss"]:
-            state["best_eval_loss"], state["best_step"], state["bad_evals"] = loss, state["step"], 0
+        improved = state["best_eval_loss"] is None or loss < state["best_eval_loss"]
+        if improved:
+            state["best_eval_loss"], state["best_step"] = loss, state["step"]
             for name, p in parameters.items():
                 best[name].copy_(p.detach())
-        else:
-            state["bad_evals"] += 1
-            if state["bad_evals"] >= settings.plateau_patience:
-                state["plateau_scale"] *= settings.plateau_factor
-                state["bad_evals"] = 0
+        schedule.evaluated(improved)
         log({"step": state["step"], "tokens": state["tokens"], "eval_loss": loss})
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,11 +257,7 @@ def train_stage(
             raise TrainingError(f"{settings.name}: the data ran out at step {state['step'] + 1} before "
                                 f"{settings.tokens:,} tokens") from None
         assert step_index == state["step"], "data stream out of step with the trainer"
-        lr = settings.lr * min(1.0, (state["step"] + 1) / max(settings.warmup_steps, 1)) * state["plateau_scale"]
-        if settings.decay == "cosine":
-            lr *= 0.5 * (1 + math.cos(math.pi * min(state["tokens"] / settings.tokens, 1.0)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = schedule.get_last_lr()[0]  # this step's (one parameter group)
         started = time.perf_counter()
         mine = distributed.shard_rows(batch)
         # This process's share of the global token mean: DDP averages gradients over processes, so scaling
@@ -291,6 +288,7 @@ def train_stage(
         elapsed = time.perf_counter() - started
         state["step"] += 1
         state["tokens"] += batch.num_tokens
+        schedule.advance(state["tokens"])  # the next step's LR (an evaluation below may still lower it)
         state["seconds"] += elapsed
         log({"step": state["step"], "tokens": state["tokens"], "loss": loss, "lr": lr,
              "grad_norm": float(grad_norm), "tokens_per_s": batch.num_tokens / elapsed})
