@@ -103,6 +103,9 @@ def format_table(result: dict) -> str:
             lines.append(f"{name + ' acc_norm':<32} {scores['acc_norm']:>10.4f}")
         if "perplexity" in scores:
             lines.append(f"{name + ' perplexity':<32} {scores['perplexity']:>10.4f}")
+        if "macro_acc" in scores:  # a categorised task: acc above is over all items; per category in the JSON
+            label = f"{name} macro_acc ({len(scores['categories'])} categories)"
+            lines.append(f"{label:<32} {scores['macro_acc']:>10.4f}")
     if "fidelity" in result:
         lines.append(f"{'KL(teacher ‖ linearized)':<32} {result['fidelity']['kl']:>10.4f}")
         for row in result["fidelity"]["layers"]:
