@@ -17,8 +17,6 @@ from lolcats.training.config import RunConfig
 from lolcats.training.linearize import linearize
 from lolcats.training.transfer import transfer_loss_fn, transfer_parameters
 
-from conftest import SHARED
-
 BF16_TOLERANCE = 0.05
 WINDOW = 4
 LENGTH = 7 * WINDOW  # far past 2·window, so the linear term is used
@@ -137,12 +135,12 @@ def test_fingerprint_does_not_depend_on_load_dtype_and_refuses_a_wrong_base(tmp_
             lolcats.load(run, base_model=str(other), dtype=dtype)
 
 
-def test_stories260k_pipeline_in_bf16(stories260k_path, tmp_path):
-    """The whole linearize pipeline in bf16 on the real model, then load(dtype=bf16) and generate."""
-    stories = (SHARED / "data" / "stories260k_samples.txt").read_text().split("\n\n")[:120]
+def test_pipeline_in_bf16(tiny, tmp_path):
+    """The whole linearize pipeline in bf16 on the tiny teacher, then load(dtype=bf16) and generate."""
+    stories = tiny.train.read_text().split("\n\n")[:120]
     data = tmp_path / "stories.txt"
     data.write_text("\n\n".join(stories))
-    run = RunConfig(model=str(stories260k_path), data=(str(data),), out=str(tmp_path / "run"), dtype="bfloat16",
+    run = RunConfig(model=str(tiny.model), data=(str(data),), out=str(tmp_path / "run"), dtype="bfloat16",
                     seq_len=256, batch_tokens=1024, held_out=8, stage1_tokens=3072, stage2_tokens=1024,
                     eval_every=2, eval_tokens=512, warmup_steps=1)
     manifest = linearize(run, progress=False)
@@ -151,7 +149,7 @@ def test_stories260k_pipeline_in_bf16(stories260k_path, tmp_path):
     model = lolcats.load(run.out)
     reference = lolcats.load(run.out, dtype=torch.float32)
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    tokenizer = lolcats.load_tokenizer(str(stories260k_path))
+    tokenizer = lolcats.load_tokenizer(str(tiny.model))
     prompt = tokenizer("Once upon a time, there was a little girl named Lily. " * 12, return_tensors="pt")
     assert prompt.input_ids.shape[1] > 2 * 64
     with torch.no_grad():

@@ -37,19 +37,17 @@ def test_convert_errors_are_clear(tmp_path):
     assert result.exit_code == 2 and "windw" in result.output
 
 
-def test_linearize_runs_end_to_end_from_the_command_line(stories260k_path, tmp_path):
-    from conftest import SHARED
-
+def test_linearize_runs_end_to_end_from_the_command_line(tiny, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text("batch_tokens: 1024\neval_tokens: 1024\neval_every: 2\nheld_out: 10\neval_max_tokens: 1024\n")
     result = runner.invoke(app, [
-        "linearize", "--model", str(stories260k_path), "--data", str(SHARED / "data" / "stories260k_samples.txt"),
-        "--eval-text", str(SHARED / "data" / "tinystories_valid.txt"), "--out", str(out), "--config", str(config),
+        "linearize", "--model", str(tiny.model), "--data", str(tiny.train),
+        "--eval-text", str(tiny.eval), "--out", str(out), "--config", str(config),
         "--seq-len", "128", "--stage1-tokens", "3000", "--stage2-tokens", "1000", "--lora-rank", "4", "--quiet",
     ])
     assert result.exit_code == 0, result.output
-    assert "perplexity on tinystories_valid.txt: teacher" in result.output
+    assert "perplexity on eval.txt: teacher" in result.output
     import json
 
     manifest = json.loads((out / "lolcats.json").read_text())
@@ -79,30 +77,28 @@ def test_run_config_nests_the_conversion_and_flat_flags_reach_every_field(tmp_pa
     assert result.exit_code == 2 and "--softmax-layers takes comma-separated layer indices" in result.output
 
 
-def test_linearize_errors_are_one_line_without_traceback(stories260k_path, tmp_path):
-    result = runner.invoke(app, ["linearize", "--model", str(stories260k_path), "--out", str(tmp_path)])
+def test_linearize_errors_are_one_line_without_traceback(tiny, tmp_path):
+    result = runner.invoke(app, ["linearize", "--model", str(tiny.model), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "--data is required" in result.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": 1}\n')
-    result = runner.invoke(app, ["linearize", "--model", str(stories260k_path), "--data", str(bad), "--out", str(tmp_path)])
+    result = runner.invoke(app, ["linearize", "--model", str(tiny.model), "--data", str(bad), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "bad.jsonl:2" in result.output
     result = runner.invoke(app, ["linearize", "--config", "no-such-recipe", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "packaged recipe" in result.output
 
 
-def test_blockwise_phases_from_the_command_line(stories260k_path, tmp_path):
-    from conftest import SHARED
-
+def test_blockwise_phases_from_the_command_line(tiny, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {stories260k_path}\ndata: [{SHARED / 'data' / 'stories260k_samples.txt'}]\n"
+    config.write_text(f"model: {tiny.model}\ndata: [{tiny.train}]\n"
                       "seq_len: 128\nbatch_tokens: 512\neval_tokens: 512\nheld_out: 8\nstage1_tokens: 1000\n")
     common = ["--config", str(config), "--out", str(out), "--block-size", "3"]
     result = runner.invoke(app, ["blockwise", "collect", *common])
     assert result.exit_code == 0, result.output
-    assert "x 2 bytes x 2 block inputs" in result.output
+    assert "x 2 bytes x 2 block inputs" in result.output  # layers 0-2 and 3
     result = runner.invoke(app, ["blockwise", "stitch", *common])
     assert result.exit_code == 2 and "not trained yet" in result.output and "blockwise train --block 0" in result.output
     for block in ("0", "1"):
@@ -119,30 +115,28 @@ def test_blockwise_phases_from_the_command_line(stories260k_path, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def linearized_dir(stories260k_path, tmp_path_factory):
-    from conftest import SHARED
-
+def linearized_dir(tiny, tmp_path_factory):
     from lolcats import RunConfig, linearize
 
     out = tmp_path_factory.mktemp("linearized")
-    run = RunConfig(model=str(stories260k_path), data=(str(SHARED / "data" / "stories260k_samples.txt"),), out=str(out),
+    run = RunConfig(model=str(tiny.model), data=(str(tiny.train),), out=str(out),
                     seq_len=256, batch_tokens=1024, stage1_tokens=2000, stage2_tokens=1000, eval_tokens=1024,
                     eval_every=2, held_out=10, dtype="float32")
     linearize(run, echo=lambda _: None, progress=False)
     return out
 
 
-def test_generate_streams_the_greedy_continuation(linearized_dir, stories260k_path):
+def test_generate_streams_the_greedy_continuation(linearized_dir, tiny):
     import lolcats
     from lolcats.cli.generate import generate_text
 
     prompt = "Once upon a time, there was a little dog"
     result = runner.invoke(app, ["generate", "--model", str(linearized_dir), "--prompt", prompt, "--max-new-tokens", "30"])
     assert result.exit_code == 0, result.output
-    expected = generate_text(lolcats.load(linearized_dir), lolcats.load_tokenizer(str(stories260k_path)), prompt,
+    expected = generate_text(lolcats.load(linearized_dir), lolcats.load_tokenizer(str(tiny.model)), prompt,
                              max_new_tokens=30)
     assert len(expected) > 20 and result.output.startswith(prompt) and expected.strip() in result.output
-    teacher = runner.invoke(app, ["generate", "--model", str(stories260k_path), "--prompt", prompt,
+    teacher = runner.invoke(app, ["generate", "--model", str(tiny.model), "--prompt", prompt,
                                   "--max-new-tokens", "10", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"])
     assert teacher.exit_code == 0, teacher.output
     assert len(teacher.output) > len(prompt) + 5
@@ -166,6 +160,6 @@ def test_bench_decode_writes_json_and_plot(linearized_dir, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_decode_refuses_a_base_model(stories260k_path):
-    result = runner.invoke(app, ["bench", "decode", "--model", str(stories260k_path)])
+def test_bench_decode_refuses_a_base_model(tiny):
+    result = runner.invoke(app, ["bench", "decode", "--model", str(tiny.model)])
     assert result.exit_code == 2 and "not a linearized output folder" in result.output

