@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..evaluate.positions import parse_edges
 from ..evaluate.runner import evaluate_model, format_table
 from .app import app, fail
 
@@ -25,14 +26,26 @@ def eval_command(
     max_text_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens of each --text file."),
     batch_size: int = typer.Option(8, help="Sequences per forward."),
     fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="For linearized models with --text: per-layer attention error and KL to the teacher."),
+    position_buckets: bool = typer.Option(
+        False, "--position-buckets", help="Mean next-token loss by position in the window, over the first --text in "
+        "non-overlapping windows of --seq-len tokens (BOS + text): buckets 0-64, 64-128, 128-512, 512-1024, then "
+        "doubling up to --seq-len (or --position-edges)."),
+    position_edges: Optional[str] = typer.Option(
+        None, help="Bucket edges for --position-buckets (implies it), comma-separated, e.g. 64,128,512,2048; 0 and "
+        "--seq-len are added."),
+    baselines: Optional[str] = typer.Option(
+        None, help="Comma-separated training-free baselines evaluated the same way, beside the model: 'window' (the "
+        "base model converted with attention=window, the run's conversion settings; window 64 for a base model)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
 ) -> None:
     """Perplexity, zero/few-shot tasks from local jsonl files and fidelity to the teacher."""
     try:
+        edges = parse_edges(position_edges) if position_edges else ([] if position_buckets else None)
         result = evaluate_model(
             model, texts=list(text or []), tasks=[t for t in tasks.split(",") if t] if tasks else None,
             task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, seq_len=seq_len, stride=stride,
-            max_text_tokens=max_text_tokens, batch_size=batch_size, with_fidelity=fidelity, echo=typer.echo,
+            max_text_tokens=max_text_tokens, batch_size=batch_size, with_fidelity=fidelity,
+            position_edges=edges, baselines=baselines, echo=typer.echo,
         )
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         fail(err)

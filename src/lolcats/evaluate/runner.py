@@ -7,10 +7,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..artifacts import base_model_spec, is_linearized_folder, load_model, tokenizer_for
-from ..models import load_base_model
+import torch
+
+from ..artifacts import base_model_spec, is_linearized_folder, load_model, read_manifest, tokenizer_for
+from ..config import LinearizeConfig
+from ..convert import convert
+from ..models import load_base_model, resolve_dtype
 from .fidelity import fidelity, text_windows
 from .perplexity import next_token_nll, rolling_windows, window_batches
+from .positions import bucket_edges, loss_by_position
 from .scoring import encode, rows_per_forward
 from .tasks import evaluate_task, load_task, task_files
 
@@ -32,36 +37,50 @@ def text_perplexity(model, tokenizer, path: str | Path, *, seq_len: int, stride:
     return {"ppl": math.exp(total_nll / count), "tokens": count}
 
 
-def evaluate_model(
-    spec: str,
-    *,
-    texts: list[str | Path] = (),
-    tasks: list[str] | None = None,
-    task_dir: str | Path | None = None,
-    limit: int | None = None,
-    num_fewshot: int = 0,
-    seq_len: int = 1024,
-    stride: int | None = None,
-    max_text_tokens: int | None = None,
-    batch_size: int = 8,
-    with_fidelity: bool = True,
-    fidelity_tokens: int = 4096,
-    echo: Callable[[str], None] = print,
-) -> dict:
+BASELINES = ("window",)  # training-free baselines of `lolcats eval --baselines` (more, e.g. "sinks", to come)
+DEFAULT_BASELINE_WINDOW = 64  # the window baseline's window for a base model (no manifest to take it from)
 
-    linearized = is_linearized_folder(spec)
-    task_dir = Path(task_dir) if task_dir else (DEFAULT_TASK_DIR if DEFAULT_TASK_DIR.is_dir() else None)
-    if tasks and task_dir is None:
-        raise FileNotFoundError(f"--tasks needs --task-dir (the default {DEFAULT_TASK_DIR} does not exist here)")
-    files = task_files(task_dir, tasks) if task_dir else []
-    loaded_tasks = [load_task(path) for path in files]  # malformed files fail before any model loads
-    tokenizer = tokenizer_for(spec)
-    model = load_model(spec)
-    result: dict = {
-        "model": spec, "kind": "linearized" if linearized else "teacher", "perplexity": {}, "tasks": {},
-        "settings": {"seq_len": seq_len, "stride": stride or seq_len - 1, "max_text_tokens": max_text_tokens,
-                     "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size},
-    }
+
+def parse_baselines(names: str | list[str] | None) -> list[str]:
+    """``"window"`` or ``["window"]`` → ["window"]; an unknown name is an error naming the known ones."""
+    if not names:
+        return []
+    if isinstance(names, str):
+        names = names.split(",")
+    names = [name.strip() for name in names if name.strip()]
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline {', '.join(map(repr, unknown))}; known: {', '.join(BASELINES)}")
+    return list(dict.fromkeys(names))
+
+
+def baseline_model(spec: str, name: str):
+    """The training-free baseline ``name`` of ``spec``'s base model. ``window``: the base converted with
+    ``attention="window"`` (the softmax window alone, no linear term), every other conversion setting (window,
+    softmax layers, local layers, ...) and the dtype from a linearized folder's manifest; for a base model,
+    window ``DEFAULT_BASELINE_WINDOW`` in fp32."""
+    if name != "window":
+        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    if is_linearized_folder(spec):
+        manifest = read_manifest(Path(spec))
+        conversion = LinearizeConfig.model_validate(manifest["conversion"])
+        dtype = resolve_dtype(manifest.get("dtype", "float32"), "cpu")
+    else:
+        conversion, dtype = LinearizeConfig(window=DEFAULT_BASELINE_WINDOW), torch.float32
+    base = load_base_model(base_model_spec(spec), dtype=dtype)
+    return convert(base, conversion, attention="window").eval()
+
+
+def _position_sample(tokenizer, path: str | Path, max_tokens: int | None) -> list[int]:
+    ids = encode(tokenizer, Path(path).read_text(encoding="utf-8"))[:max_tokens]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def _evaluate(model, tokenizer, *, texts, loaded_tasks, limit, num_fewshot, seq_len, stride, max_text_tokens,
+              batch_size, position_edges, echo) -> dict:
+    """Perplexity of each text, each task and (``position_edges`` not None) the loss by position of the first
+    text, for one model: the keys every row of the result (the model's and each baseline's) has."""
+    result: dict = {"perplexity": {}, "tasks": {}}
     for path in texts:
         # As many windows per forward as the logit budget allows (at least batch_size // 4, as before): each
         # forward of a linearized model costs thousands of small ops, so few large ones beat many small ones.
@@ -79,6 +98,70 @@ def evaluate_model(
         result["tasks"][task.name] = scores
         norm = f", acc_norm {scores['acc_norm']:.4f}" if scores["acc_norm"] is not None else ""
         echo(f"{task.name}: acc {scores['acc']:.4f}{norm} (n={scores['n']}, {scores['choices_per_minute']:.0f} choices/min)")
+    if position_edges is not None and texts:
+        # The first text in non-overlapping windows of seq_len (BOS + text, as text_perplexity): mean loss by
+        # the position of the predicted token in its window (positions.py).
+        by_position = loss_by_position(model, _position_sample(tokenizer, texts[0], max_text_tokens),
+                                       seq_len=seq_len, edges=position_edges or None,
+                                       batch_size=rows_per_forward(model, seq_len, batch_size, batch_size // 4))
+        result["loss_by_position"] = {"text": Path(texts[0]).name, **by_position}
+        echo(f"loss by position on {Path(texts[0]).name}: {by_position['windows']} windows of {seq_len} tokens, "
+             + ", ".join(f"{_bucket_label(low, high)} {loss:.4f}" for low, high, loss in
+                         zip(by_position["edges"], by_position["edges"][1:], by_position["mean_loss"])
+                         if loss is not None))
+    return result
+
+
+def _bucket_label(low: int, high: int) -> str:
+    return f"{low}-{high}"
+
+
+def evaluate_model(
+    spec: str,
+    *,
+    texts: list[str | Path] = (),
+    tasks: list[str] | None = None,
+    task_dir: str | Path | None = None,
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    seq_len: int = 1024,
+    stride: int | None = None,
+    max_text_tokens: int | None = None,
+    batch_size: int = 8,
+    with_fidelity: bool = True,
+    fidelity_tokens: int = 4096,
+    position_edges: list[int] | None = None,
+    baselines: str | list[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """``position_edges``: None for no loss by position, [] for the default buckets (positions.default_edges),
+    else the bucket edges. ``baselines``: names (a list or a comma list) of training-free baselines
+    (``BASELINES``) evaluated the same way, under result["baselines"][name]."""
+
+    linearized = is_linearized_folder(spec)
+    baselines = parse_baselines(baselines)
+    if position_edges is not None:
+        if not texts:
+            raise ValueError("the loss by position (--position-buckets) needs a --text file")
+        bucket_edges(seq_len, position_edges or None)  # bad edges fail before any model loads
+    task_dir = Path(task_dir) if task_dir else (DEFAULT_TASK_DIR if DEFAULT_TASK_DIR.is_dir() else None)
+    if tasks and task_dir is None:
+        raise FileNotFoundError(f"--tasks needs --task-dir (the default {DEFAULT_TASK_DIR} does not exist here)")
+    files = task_files(task_dir, tasks) if task_dir else []
+    loaded_tasks = [load_task(path) for path in files]  # malformed files fail before any model loads
+    tokenizer = tokenizer_for(spec)
+    model = load_model(spec)
+    settings = {"seq_len": seq_len, "stride": stride or seq_len - 1, "max_text_tokens": max_text_tokens,
+                "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}
+    if position_edges is not None:
+        settings["position_edges"] = list(position_edges) or None
+    if baselines:
+        settings["baselines"] = baselines
+    result: dict = {"model": spec, "kind": "linearized" if linearized else "teacher", "perplexity": {}, "tasks": {},
+                    "settings": settings}
+    run = dict(texts=texts, loaded_tasks=loaded_tasks, limit=limit, num_fewshot=num_fewshot, seq_len=seq_len,
+               stride=stride, max_text_tokens=max_text_tokens, batch_size=batch_size, position_edges=position_edges)
+    result.update(_evaluate(model, tokenizer, echo=echo, **run))
     if linearized and with_fidelity and texts:
 
         teacher = load_base_model(base_model_spec(spec))
@@ -90,24 +173,53 @@ def evaluate_model(
         result["fidelity"] = {"text": Path(texts[0]).name, "seq_len": window, "max_tokens": fidelity_tokens,
                               "windows": len(windows), **fidelity(model, teacher, windows, batch_size=batch_size)}
         echo(f"fidelity on {Path(texts[0]).name}: KL(teacher ‖ linearized) {result['fidelity']['kl']:.4f} nats/token")
+        del teacher
+    if baselines:
+        del model  # one model in memory at a time
+        result["baselines"] = {}
+        for name in baselines:
+            baseline = baseline_model(spec, name)
+            window = baseline.lolcats_config.window if getattr(baseline, "lolcats_config", None) else None
+            echo(f"baseline {name} (window {window}):")
+            result["baselines"][name] = {"window": window, **_evaluate(
+                baseline, tokenizer, echo=lambda line, name=name: echo(f"  [{name}] {line}"), **run)}
+            del baseline
     return result
 
 
-def format_table(result: dict) -> str:
-    lines = [f"model: {result['model']} ({result['kind']})", "", f"{'metric':<32} {'value':>10}"]
-    for name, ppl in result["perplexity"].items():
-        lines.append(f"{'ppl ' + name:<32} {ppl:>10.4f}")
+def _rows(result: dict) -> list[tuple[str, float | None, int]]:
+    """(label, value, decimals) of each line of the table, for the model or one of its baselines."""
+    rows = [("ppl " + name, ppl, 4) for name, ppl in result["perplexity"].items()]
     for name, scores in result["tasks"].items():
-        lines.append(f"{name + ' acc':<32} {scores['acc']:>10.4f}")
+        rows.append((name + " acc", scores["acc"], 4))
         if scores.get("acc_norm") is not None:
-            lines.append(f"{name + ' acc_norm':<32} {scores['acc_norm']:>10.4f}")
+            rows.append((name + " acc_norm", scores["acc_norm"], 4))
         if "perplexity" in scores:
-            lines.append(f"{name + ' perplexity':<32} {scores['perplexity']:>10.4f}")
+            rows.append((name + " perplexity", scores["perplexity"], 4))
         if "macro_acc" in scores:  # a categorised task: acc above is over all items; per category in the JSON
-            label = f"{name} macro_acc ({len(scores['categories'])} categories)"
-            lines.append(f"{label:<32} {scores['macro_acc']:>10.4f}")
+            rows.append((f"{name} macro_acc ({len(scores['categories'])} categories)", scores["macro_acc"], 4))
+    if "loss_by_position" in result:
+        buckets = result["loss_by_position"]
+        for low, high, loss in zip(buckets["edges"], buckets["edges"][1:], buckets["mean_loss"]):
+            rows.append(("loss pos " + _bucket_label(low, high), loss, 4))
     if "fidelity" in result:
-        lines.append(f"{'KL(teacher ‖ linearized)':<32} {result['fidelity']['kl']:>10.4f}")
+        rows.append(("KL(teacher ‖ linearized)", result["fidelity"]["kl"], 4))
         for row in result["fidelity"]["layers"]:
-            lines.append(f"{'attention MSE layer ' + str(row['layer']):<32} {row['attention_mse']:>10.5f}")
+            rows.append(("attention MSE layer " + str(row["layer"]), row["attention_mse"], 5))
+    return rows
+
+
+def _cell(value: float | None, decimals: int) -> str:
+    return f"{value:>10.{decimals}f}" if value is not None else f"{'-':>10}"
+
+
+def format_table(result: dict) -> str:
+    """One line per metric; with baselines, one column each beside the model's value."""
+    baselines = result.get("baselines", {})
+    columns = [{label: (value, decimals) for label, value, decimals in _rows(row)} for row in baselines.values()]
+    header = f"{'metric':<32} {'value':>10}" + "".join(f" {name:>10}" for name in baselines)
+    lines = [f"model: {result['model']} ({result['kind']})", "", header]
+    for label, value, decimals in _rows(result):
+        cells = "".join(" " + _cell(column.get(label, (None, 0))[0], decimals) for column in columns)
+        lines.append(f"{label:<32} {_cell(value, decimals)}{cells}")
     return "\n".join(lines)
