@@ -11,6 +11,7 @@ the definition (LoLCATs, Zhang et al. 2024, eq. for the hybrid "sliding window +
                sliding  r > p − size            (the last ``size`` tokens, the query's own included)
                terrace  r // size ≥ p // size − 1 (the query's block and the one before it)
                none     no key
+             and, with ``sinks`` N, every key with r < N (the row's first N real tokens: attention sinks)
     Lin(i) = every other real causal key (only when the linear term is on)
 
     m_i   = max_{j ∈ W(i)} s_ij,   s_ij = scaling · q_i·k_j       (the window's max only)
@@ -30,9 +31,11 @@ import math
 import torch
 
 
-def in_window(kind: str, size: int, query_position: int, key_position: int) -> bool:
+def in_window(kind: str, size: int, query_position: int, key_position: int, sinks: int = 0) -> bool:
     """Whether the key at relative position key_position (≤ query_position) is in the query's softmax window."""
     assert 0 <= key_position <= query_position
+    if kind != "none" and key_position < sinks:
+        return True
     if kind == "sliding":
         return query_position - key_position < size
     if kind == "terrace":
@@ -43,7 +46,7 @@ def in_window(kind: str, size: int, query_position: int, key_position: int) -> b
 
 
 def hybrid_attention_oracle(q, k, v, fq, fk, *, kind: str, size: int = 0, scaling: float = 1.0, gamma=None,
-                            use_linear: bool = True, start=None) -> torch.Tensor:
+                            use_linear: bool = True, start=None, sinks: int = 0) -> torch.Tensor:
     """(B, H, L, Dv) float64 output of hybrid attention; q (B, H, L, D), k/v (B, Hkv, L, ·), fq/fk (B, H, L, F)."""
     batch, num_kv_heads, length, value_dim = v.shape
     num_heads = (q if q is not None else fq).shape[1]
@@ -63,7 +66,7 @@ def hybrid_attention_oracle(q, k, v, fq, fk, *, kind: str, size: int = 0, scalin
             kv_head = h // group
             for i in range(first, length):
                 p = i - first
-                window_keys = [j for j in range(first, i + 1) if in_window(kind, size, p, j - first)]
+                window_keys = [j for j in range(first, i + 1) if in_window(kind, size, p, j - first, sinks)]
                 linear_keys = [j for j in range(first, i + 1) if j not in window_keys] if use_linear else []
                 weights, values = [], []
                 if window_keys:

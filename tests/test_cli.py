@@ -16,12 +16,12 @@ def test_help_lists_only_working_commands():
         assert name in result.output
 
 
-def test_convert_reports_on_stories260k(stories260k_path, tmp_path):
+def test_convert_reports_on_the_tiny_teacher(tiny, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("window: 32\nfeature_map: t2r\n")
-    result = runner.invoke(app, ["convert", "--model", str(stories260k_path), "--config", str(config), "--seq-len", "200"])
+    result = runner.invoke(app, ["convert", "--model", str(tiny.model), "--config", str(config), "--seq-len", "200"])
     assert result.exit_code == 0, result.output
-    assert "converted layers [0, 1, 2, 3, 4]" in result.output
+    assert "converted layers [0, 1, 2, 3]" in result.output
     assert "feature map t2r, window 32" in result.output
     exactness = float(result.output.split("to ")[1].split(" relative")[0])
     assert exactness <= 1e-5

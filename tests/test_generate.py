@@ -104,6 +104,32 @@ def test_decode_matches_full_forward_for_every_attention_kind(attention):
     assert relative_error(logits, full_logits(model, ids)) <= TOL
 
 
+@pytest.mark.parametrize("attention", ["lolcats", "sliding", "window"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_sinks_decode_matches_full_forward_and_padded_rows_match_rows_alone(attention, family):
+    """Attention sinks (3, fewer than a window; 6, more): decode == full forward across window, chunk and sink
+    boundaries; left-padded rows count their sinks from their first real token."""
+    for sinks in (3, 6):
+        model = tiny_linearized(family, attention=attention, sinks=sinks)
+        ids = random_ids((3, 31), sinks, low=1)
+        pads = [5, 0, 2]
+        mask = torch.ones_like(ids)
+        for row, pad in enumerate(pads):
+            mask[row, :pad] = 0
+            ids[row, :pad] = 0
+        for prompt in (6, 11):  # (after the longest padding: a prompt must hold a real token of each row)
+            logits, cache = incremental_logits(model, ids, prompt, attention_mask=mask)
+            full = full_logits(model, ids, mask)
+            for row, pad in enumerate(pads):
+                alone = full_logits(model, ids[row : row + 1, pad:])
+                assert relative_error(logits[row, pad:], alone[0]) <= TOL
+                assert relative_error(full[row, pad:], alone[0]) <= ROW_TOL
+        # the sinks matter: without them the logits past the window differ
+        without = tiny_linearized(family, attention=attention)
+        without.load_state_dict(model.state_dict())
+        assert relative_error(full_logits(without, ids[1:2]), full_logits(model, ids[1:2])) > 1e-3
+
+
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 def test_decode_matches_full_forward_for_every_feature_map(feature_map):
     model = tiny_linearized("qwen3", feature_map=feature_map, feature_dim=8)

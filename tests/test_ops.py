@@ -79,8 +79,8 @@ def real_rows(out: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
 
 
 window_strategy = st.one_of(
-    st.builds(Window, st.just("terrace"), st.integers(1, 9)),
-    st.builds(Window, st.just("sliding"), st.integers(1, 17)),
+    st.builds(Window, st.just("terrace"), st.integers(1, 9), st.integers(0, 6)),
+    st.builds(Window, st.just("sliding"), st.integers(1, 17), st.integers(0, 6)),
     st.just(Window("none")),
 )
 
@@ -168,7 +168,8 @@ def test_full_window_is_exact_softmax():
     assert max_relative_error(real_rows(hybrid, start), real_rows(exact, start)) <= RTOL
 
 
-@pytest.mark.parametrize("window", [Window("terrace", 8), Window("sliding", 8), Window("none")])
+@pytest.mark.parametrize("window", [Window("terrace", 8), Window("sliding", 8), Window("none"),
+                                    Window("terrace", 8, sinks=4), Window("sliding", 6, sinks=3)])
 def test_chunked_gradients_match_reference(window):
     q, k, v, fq, fk, gamma = make_inputs(2, 4, 2, 45, 8, 6, seed=7, dtype=torch.float64)
     start = torch.tensor([0, 4])
@@ -257,7 +258,8 @@ def test_memory_of_chunked_path_has_no_quadratic_tensor():
     assert math.isfinite(max(sizes))
 
 
-WINDOWS = [Window("terrace", 8), Window("sliding", 8), Window("none")]
+WINDOWS = [Window("terrace", 8), Window("sliding", 8), Window("none"), Window("terrace", 8, sinks=4),
+           Window("sliding", 8, sinks=3)]
 
 
 @pytest.mark.parametrize("window", WINDOWS)
@@ -348,7 +350,7 @@ def test_each_key_passes_through_phi_once(window):
 
 
 def tiny_step_inputs(length=20):
-    window = Window("terrace", 4)
+    window = Window("terrace", 4, sinks=2)  # sinks: written and read by tensor masks too
     q, k, v, _, _, gamma = make_inputs(2, 4, 2, length, 8, 6, seed=4)
     q, k, v = on_test_device(q, k, v)
     phi = feature_function(4, 8, 6, seed=4)

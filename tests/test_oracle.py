@@ -59,16 +59,17 @@ def starts_for(batch, length):
     return torch.tensor([0, min(5, length - 1), length - 1][:batch])
 
 
-def window_of(kind, size):
-    return Window(kind, size) if kind != "none" else Window("none")
+def window_of(kind, size, sinks=0):
+    return Window(kind, size, sinks) if kind != "none" else Window("none")
 
 
 def assert_all_modes_match_oracle(q, k, v, fq, fk, gamma, *, kind, size, scaling, use_linear, start, chunk_size,
-                                  rtol=RTOL):
+                                  rtol=RTOL, sinks=0):
     expected = hybrid_attention_oracle(q, k, v, fq, fk, kind=kind, size=size, scaling=scaling, gamma=gamma,
-                                       use_linear=use_linear, start=start)
+                                       use_linear=use_linear, start=start, sinks=sinks)
     assert torch.isfinite(expected).all()
-    kwargs = dict(window=window_of(kind, size), scaling=scaling, gamma=gamma, use_linear=use_linear, start=start)
+    kwargs = dict(window=window_of(kind, size, sinks), scaling=scaling, gamma=gamma, use_linear=use_linear,
+                  start=start)
     if not use_linear:
         fq = fk = None
     outputs = {
@@ -247,3 +248,62 @@ def test_oracle_window_membership():
     terrace = [sum(in_window("terrace", 4, p, r) for r in range(p + 1)) for p in range(16)]
     assert terrace == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8]
     assert [r for r in range(10) if in_window("terrace", 4, 9, r)] == [4, 5, 6, 7, 8, 9]
+
+
+# (kind, size, sinks, length, chunk_size): sinks fewer than, as many as and more than a block or a chunk, chunks
+# that hold the sinks in their slice and chunks far past them, and sequences shorter than the sinks.
+SINK_SHAPES = [
+    ("sliding", 3, 1, 29, 4),
+    ("sliding", 4, 4, 37, 3),
+    ("sliding", 2, 6, 31, 4),  # more sinks than the window
+    ("terrace", 3, 2, 29, 5),
+    ("terrace", 4, 4, 37, 4),
+    ("terrace", 2, 5, 33, 3),
+    ("terrace", 8, 4, 40, 16),
+    ("sliding", 3, 9, 7, 4),  # shorter than the sinks
+]
+
+
+@pytest.mark.parametrize("use_linear", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("kind,size,sinks,length,chunk_size", SINK_SHAPES)
+def test_sinks_match_oracle(kind, size, sinks, length, chunk_size, kv_heads, use_linear):
+    """Attention sinks in all three paths: the first N real tokens of each row are softmax terms for every
+    query (padded rows count from their first real token) and never enter the linear term."""
+    q, k, v, fq, fk, gamma = make_inputs(3, kv_heads, length, seed=length + sinks + kv_heads)
+    start = starts_for(3, length)
+    expected = assert_all_modes_match_oracle(q, k, v, fq, fk, gamma, kind=kind, size=size, scaling=HEAD_DIM**-0.5,
+                                             use_linear=use_linear, start=start, chunk_size=chunk_size, sinks=sinks)
+    if length > sinks + 2 * size:
+        # the case discriminates: without sinks the output differs
+        without = hybrid_attention_oracle(q, k, v, fq, fk, kind=kind, size=size, scaling=HEAD_DIM**-0.5, gamma=gamma,
+                                          use_linear=use_linear, start=start)
+        assert max_relative_error(without, expected) > 1e-3
+
+
+@pytest.mark.parametrize("kind,size,sinks", [("sliding", 3, 2), ("terrace", 3, 4), ("terrace", 4, 1)])
+@pytest.mark.parametrize("prompt", [1, 3, 12])
+def test_sinks_prefill_then_steps_match_oracle(kind, size, sinks, prompt):
+    """Decode with sinks: the prefix state holds each row's sinks (rows padded differently), steps read them."""
+    length = 26
+    q, k, v, _, _, gamma = make_inputs(3, 2, length, seed=prompt + sinks, large=True)
+    phi = phi_of(HEADS, seed=prompt)
+    fq, fk = phi(q), phi(k)
+    start = torch.tensor([0, min(2, prompt - 1), prompt])
+    window = Window(kind, size, sinks)
+    expected = hybrid_attention_oracle(q, k, v, fq, fk, kind=kind, size=size, scaling=0.5, gamma=gamma, start=start,
+                                       sinks=sinks)
+    cache = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
+                                        num_heads=HEADS, start=start.clamp(max=prompt))
+    steps = [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], t >= start,
+                                   window=window, scaling=0.5, gamma=gamma, key_features=phi)
+             for t in range(prompt, length)]
+    assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL
+    assert cache.sink_keys.shape[2] == sinks  # constant in the context
+
+
+def test_oracle_sink_membership():
+    """Sinks join the window of every query; without a window there are none."""
+    assert [r for r in range(10) if in_window("sliding", 2, 9, r, sinks=3)] == [0, 1, 2, 8, 9]
+    assert [r for r in range(10) if in_window("terrace", 4, 9, r, sinks=1)] == [0, 4, 5, 6, 7, 8, 9]
+    assert not in_window("none", 0, 9, 0, sinks=3)

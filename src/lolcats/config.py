@@ -20,6 +20,8 @@ class LinearizeConfig(BaseModel):
       sliding  true sliding softmax window of the last `window` tokens + linear attention over older keys
       linear   linear attention only, no softmax window
       window   the terrace softmax window alone, no linear term (an ablation: nothing to train)
+    sinks: the first N real tokens of each row stay exact softmax terms for every query (attention sinks,
+      as in StreamingLLM and Lizard), on top of the window; they never enter the linear term (0: none)
     local_layers (models with local sliding-window layers, e.g. Gemma 3):
       keep       leave them as the teacher's exact sliding-window softmax; they already run in
                  constant memory, so only the global layers are linearized (default)
@@ -31,6 +33,7 @@ class LinearizeConfig(BaseModel):
     attention: AttentionKind = "lolcats"
     feature_map: FeatureMapName = "hedgehog"
     window: int = Field(64, ge=1)
+    sinks: int = Field(0, ge=0)
     feature_dim: int = Field(64, ge=1)
     softmax_layers: tuple[int, ...] = ()
     local_layers: Literal["keep", "linearize"] = "keep"

@@ -169,11 +169,15 @@ class LinearizedAttention(nn.Module):
         self.num_heads = self.q_proj.out_features // self.head_dim
         self.num_kv_heads = self.k_proj.out_features // self.head_dim
         self.teacher_window = family.teacher_window(original)
+        sinks = getattr(config, "sinks", 0)  # exports written before sinks existed have none
+        if sinks and config.attention == "linear":
+            raise ValueError("attention sinks are softmax terms: they need a window (attention 'lolcats', 'sliding' "
+                             "or 'window'), not attention='linear'")
         self.window = {
-            "lolcats": Window("terrace", config.window),
-            "sliding": Window("sliding", config.window),
+            "lolcats": Window("terrace", config.window, sinks),
+            "sliding": Window("sliding", config.window, sinks),
             "linear": Window("none"),
-            "window": Window("terrace", config.window),
+            "window": Window("terrace", config.window, sinks),
         }[config.attention]
         self.use_linear = config.attention != "window"
         self.chunk_size = config.chunk_size

@@ -8,7 +8,9 @@ slice of keys [cC − P, (c+1)C), where P (a multiple of C) covers the lookback 
 with masks. Every key older than the slice is outside every window of the chunk, so it enters only
 through the running linear state S = Σ φ(k) vᵀ, z = Σ φ(k), built with one cumulative sum over
 per-chunk states. With the default terrace window and C equal to its size, the slice is exactly the two
-blocks the window covers and no linear product is computed inside it.
+blocks the window covers and no linear product is computed inside it. Sink tokens (``Window.sinks``: a row's
+first N real tokens, in every window) older than a chunk's slice join its softmax keys as N extra columns, and
+their features are zeroed before any linear product, so no linear term or state ever holds them.
 Memory is O(L·(C + P) + (L/C)·F·Dv): linear in L for a fixed chunk size; no L×L tensor exists, and the keys
 and values of grouped-query attention are read per kv head, never repeated to the query heads.
 """
@@ -137,20 +139,35 @@ def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, 
         return mask[:, None].expand(num_chunks, groups, chunk, mask.shape[-1]).reshape(num_chunks, groups * chunk, -1)
 
     local_values = _local_slices(prepare(v), lookback, chunk)  # (B, Hkv, n, P + C, Dv)
+    sinks = min(window.sinks, length)
     num = den = linear_den = 0.0
     if window.kind != "none":
         # Scaling the queries and applying γ after the value product keeps the (n, G·C, P + C) tensors to
         # the few that the softmax itself needs.
         queries = grouped_rows(prepare(q) * scaling)
-        local_keys = _local_slices(prepare(k), lookback, chunk)
-        softmax_weights = softmax_terms(queries @ local_keys.transpose(-1, -2), for_groups(in_window))
+        keys, values, softmax_mask = _local_slices(prepare(k), lookback, chunk), local_values, in_window
+        if sinks:
+            # The sinks that precede a chunk's slice (those inside it are already in `in_window`): the same
+            # N key columns for every chunk, masked where the slice holds them or they are not yet causal.
+            pos_sink = torch.arange(sinks, device=device)
+            slice_start = pos_q[:, :1, :1] - lookback
+            sink_mask = (pos_sink <= pos_q) & (pos_sink < slice_start)  # (n, C, N)
+            def every_chunk(x: torch.Tensor) -> torch.Tensor:
+                return x[:, :, None, :sinks].expand(batch, num_kv_heads, num_chunks, sinks, x.shape[-1])
+            keys = torch.cat([keys, every_chunk(prepare(k))], dim=-2)
+            values = torch.cat([values, every_chunk(prepare(v))], dim=-2)
+            softmax_mask = torch.cat([in_window, sink_mask], dim=-1)
+        softmax_weights = softmax_terms(queries @ keys.transpose(-1, -2), for_groups(softmax_mask))
         gamma_rows = gamma_per_head(gamma, num_heads, device, acc).view(num_kv_heads, 1, groups, 1)
         gamma_rows = gamma_rows.expand(num_kv_heads, 1, groups, chunk).reshape(num_kv_heads, 1, groups * chunk)
-        num = gamma_rows[..., None] * (softmax_weights @ local_values)
+        num = gamma_rows[..., None] * (softmax_weights @ values)
         den = gamma_rows * softmax_weights.sum(-1)
     if use_linear:
         feature_q = prepare(fq).view(batch, num_heads, num_chunks, chunk, -1)
         feature_k = prepare(fk)
+        if sinks:
+            is_sink = torch.arange(padded_length, device=device) < sinks
+            feature_k = feature_k.masked_fill(is_sink[:, None], 0.0)
         if bool(local_linear.any()):
             local_feature_k = _local_slices(feature_k, lookback, chunk)
             linear_weights = (feature_q @ local_feature_k.transpose(-1, -2)).masked_fill(~local_linear, 0.0)

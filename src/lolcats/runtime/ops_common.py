@@ -14,7 +14,9 @@ Hybrid attention of a query at relative position i (counted from its row's first
   den_i = γ Σ_{j ∈ W(i)} exp(s_ij − m_i)      +  Σ_{j ∈ Lin(i)} φ(q_i)·φ(k_j)
   out_i = num_i / den_i
 
-with s_ij = scaling · q_i·k_j, W(i) the causal softmax window and Lin(i) every older real key.
+with s_ij = scaling · q_i·k_j, W(i) the causal softmax window and Lin(i) every older real key. With
+``sinks`` N > 0, W(i) also holds the row's first N real tokens (attention sinks, StreamingLLM / Lizard): they
+are exact softmax terms for every query and never enter the linear term.
 
 The max-subtraction m_i = max_{j ∈ W(i)} s_ij is taken over the window only, as LoLCATs does. It is not
 a neutral stabiliser: it fixes the scale of the softmax terms (the largest is exactly γ) against the
@@ -41,16 +43,21 @@ class Window:
     block b sees all of block b−1 and the causal part of block b (between size+1 and 2·size keys).
     ``sliding``: the last ``size`` tokens, the query's own included (HF's sliding-window convention).
     ``none``: no softmax window (pure linear attention).
+    ``sinks``: the first ``sinks`` real tokens of each row are in every query's window as well (attention
+    sinks); ``lookback`` and ``chunk_lookback`` describe the recent part only, which the sinks do not move.
     """
 
     kind: WindowKind = "terrace"
     size: int = 64
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "terrace", "sliding"):
             raise ValueError(f"unknown window kind {self.kind!r}; expected 'none', 'terrace' or 'sliding'")
         if self.kind != "none" and self.size < 1:
             raise ValueError(f"a {self.kind} window needs size >= 1, got {self.size}")
+        if self.sinks < 0 or (self.sinks and self.kind == "none"):
+            raise ValueError(f"sinks must be >= 0 and need a softmax window, got {self.sinks} with {self.kind!r}")
 
     @property
     def lookback(self) -> int:
@@ -76,7 +83,13 @@ class Window:
         return 0
 
     def contains(self, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
-        """Whether key position pos_k lies in the window of query position pos_q (both relative, causal)."""
+        """Whether key position pos_k lies in the window of query position pos_q (both relative, causal):
+        the recent part (``contains_recent``) or a sink."""
+        recent = self.contains_recent(pos_q, pos_k)
+        return recent | (pos_k < self.sinks) if self.sinks else recent
+
+    def contains_recent(self, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
+        """Whether pos_k lies in the recent part of pos_q's window (sinks aside)."""
         if self.kind == "terrace":
             return torch.div(pos_k, self.size, rounding_mode="floor") >= (
                 torch.div(pos_q, self.size, rounding_mode="floor") - 1

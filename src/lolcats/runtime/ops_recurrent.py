@@ -5,7 +5,9 @@ The state holds, per row:
   a ring of the last R columns' keys/values (model dtype) with their relative positions, R = lookback + 1
   (2·size for the terrace, size for a sliding window, 0 without a window), and
   for the terrace only, (S_next, z_next): the same sums over the keys of the previous block that the
-  current block has already passed by ``size`` positions; they join (S, z) when the next block starts.
+  current block has already passed by ``size`` positions; they join (S, z) when the next block starts;
+  with attention sinks (``Window.sinks`` = N), the keys/values of each row's first N real tokens, which stay
+  softmax terms for every query: a step reads them wherever the ring no longer holds them, and never folds them.
 
 Windows only move forward, and a key leaves them ``size`` positions after it could first be folded:
 the step for relative position p folds the one key at p − size, exactly once, into
@@ -44,6 +46,9 @@ class RecurrentState:
     column: torch.Tensor  # (B,) long, equal in every row: the column of the next token (ring slots)
     pending_state: torch.Tensor | None = None  # terrace: (B, H, F, Dv) fp32, S_next
     pending_norm: torch.Tensor | None = None  # terrace: (B, H, F) fp32, z_next
+    sink_keys: torch.Tensor | None = None  # sinks: (B, Hkv, N, D), each row's first N real keys
+    sink_values: torch.Tensor | None = None  # sinks: (B, Hkv, N, Dv)
+    sink_positions: torch.Tensor | None = None  # sinks: (B, N) long, 0 .. N − 1 once written, −1 before
     columns: int = 0  # host copy of ``column``, for get_seq_length()
 
     @classmethod
@@ -62,6 +67,7 @@ class RecurrentState:
     ) -> "RecurrentState":
         ring = window.lookback + 1
         terrace = window.kind == "terrace"
+        sinks = window.sinks
         return cls(
             state=torch.zeros(batch, num_heads, feature_dim, value_dim, device=device),
             norm=torch.zeros(batch, num_heads, feature_dim, device=device),
@@ -72,6 +78,9 @@ class RecurrentState:
             column=torch.zeros(batch, dtype=torch.long, device=device),
             pending_state=torch.zeros(batch, num_heads, feature_dim, value_dim, device=device) if terrace else None,
             pending_norm=torch.zeros(batch, num_heads, feature_dim, device=device) if terrace else None,
+            sink_keys=torch.zeros(batch, num_kv_heads, sinks, head_dim, dtype=dtype, device=device) if sinks else None,
+            sink_values=torch.zeros(batch, num_kv_heads, sinks, value_dim, dtype=dtype, device=device) if sinks else None,
+            sink_positions=torch.full((batch, sinks), -1, dtype=torch.long, device=device) if sinks else None,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -143,8 +152,22 @@ def recurrent_state_from_prefix(
         # Keys outside the window of each row's last query are in (S, z) ...
         cache.state, cache.norm = sums(real & ~in_window)
         if window.kind == "terrace":
-            # ... and the steps so far have folded the keys up to last − size into (S_next, z_next).
-            cache.pending_state, cache.pending_norm = sums(in_window & (relative <= last - window.size))
+            # ... and the steps so far have folded the keys up to last − size into (S_next, z_next), sinks aside.
+            folded = in_window & (relative <= last - window.size) & (relative >= window.sinks)
+            cache.pending_state, cache.pending_norm = sums(folded)
+    if window.sinks:
+        sink = torch.arange(window.sinks, device=v.device)
+        columns = starts[:, None] + sink  # (B, N): where each row's sinks sit
+        present = columns < length
+        index = columns.clamp(max=length - 1)
+        keep = present[:, None, :, None]  # sinks not seen yet stay zero, as in a state stepped to here
+
+        def first_tokens(x: torch.Tensor) -> torch.Tensor:
+            picked = x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+            return torch.where(keep, picked, torch.zeros_like(picked)).to(cache.values.dtype)
+
+        cache.sink_keys, cache.sink_values = first_tokens(k), first_tokens(v)
+        cache.sink_positions = torch.where(present, sink, -1)
     ring = window.lookback + 1
     if ring > 0:
         recent = torch.arange(max(0, length - ring), length, device=v.device)
@@ -205,7 +228,7 @@ def hybrid_attention_step(
             # overwritten (a sliding window's ring is exactly ``size`` long).
             leaving = (cache.column - window.size) % ring
             leaving_position = cache.slot_positions.gather(1, leaving[:, None]).squeeze(1)  # (B,)
-            weight = leaving_position >= 0
+            weight = leaving_position >= window.sinks  # an empty slot (−1) or a sink is never folded
             if real is not None:
                 weight = weight & real
             leaving_key = cache.keys.gather(2, _slot_index(leaving, cache.keys))  # (B, Hkv, 1, D)
@@ -229,12 +252,31 @@ def hybrid_attention_step(
         held = position if real is None else torch.where(real, position, -1)
         cache.slot_positions.scatter_(1, slot[:, None], held[:, None])
 
+        keys, values = cache.keys, cache.values
         held = cache.slot_positions
-        in_window = ((held >= 0) & window.contains(position[:, None], held))[:, None, :]  # (B, 1, R)
+        in_window = (held >= 0) & window.contains(position[:, None], held)  # (B, R)
+        if window.sinks:
+            # A row's first N real tokens: written once, as they arrive; read once the ring no longer holds them.
+            is_sink = position < window.sinks
+            if real is not None:
+                is_sink = is_sink & real
+            sink_slot = position.clamp(max=window.sinks - 1)
+            for buffer, new in ((cache.sink_keys, k), (cache.sink_values, v)):
+                old = buffer.gather(2, _slot_index(sink_slot, buffer)).squeeze(2)
+                buffer.scatter_(2, _slot_index(sink_slot, buffer),
+                                torch.where(is_sink[:, None, None], new.to(buffer.dtype), old).unsqueeze(2))
+            old_position = cache.sink_positions.gather(1, sink_slot[:, None]).squeeze(1)
+            cache.sink_positions.scatter_(1, sink_slot[:, None], torch.where(is_sink, position, old_position)[:, None])
+            sinks_held = cache.sink_positions
+            outside_ring = (sinks_held >= 0) & (position[:, None] - sinks_held >= ring)  # (B, N)
+            keys = torch.cat([keys, cache.sink_keys], dim=2)
+            values = torch.cat([values, cache.sink_values], dim=2)
+            in_window = torch.cat([in_window, outside_ring], dim=1)
         grouped_q = _by_kv_group(q.float(), num_kv_heads)  # (B, Hkv, G, D)
-        scores = (grouped_q @ cache.keys.float().transpose(-1, -2)).flatten(1, 2) * scaling  # (B, H, R)
-        weights = gamma_per_head(gamma, num_heads, v.device).view(1, num_heads, 1) * softmax_terms(scores, in_window)
-        num = (_by_kv_group(weights, num_kv_heads) @ cache.values.float()).flatten(1, 2)  # (B, H, Dv)
+        scores = (grouped_q @ keys.float().transpose(-1, -2)).flatten(1, 2) * scaling  # (B, H, R [+ N])
+        weights = gamma_per_head(gamma, num_heads, v.device).view(1, num_heads, 1) * softmax_terms(
+            scores, in_window[:, None, :])
+        num = (_by_kv_group(weights, num_kv_heads) @ values.float()).flatten(1, 2)  # (B, H, Dv)
         den = weights.sum(-1)
         if use_linear:
             fq = fq.float()
