@@ -1,4 +1,4 @@
-"""`lolcats eval --position-buckets` (evaluate/positions.py) and `--baselines window` (evaluate/runner.py), on tiny
+"""`lolcats eval --position-buckets` (evaluate/positions.py) and `--baselines window,sinks` (evaluate/runner.py), on tiny
 random models: the buckets partition the scored positions and their token-weighted mean is the perplexity code's
 nll over the same windows; a window baseline whose window covers the sequence is the teacher."""
 
@@ -110,10 +110,25 @@ def test_window_baseline_covering_the_sequence_is_the_teacher():
     assert by_position[2]["mean_loss"][1] != pytest.approx(by_position[0]["mean_loss"][1], rel=1e-3)
 
 
+def test_sinks_baseline_keeps_the_first_tokens_in_softmax():
+    """window + sinks: exact where the window covers the sequence; past it, the first tokens are still attended
+    with softmax, so the loss differs from the window alone."""
+    teacher = tiny_model("llama", seed=2)
+    ids = torch.tensor(stream()[:48])
+    windows = [(ids, 1)]
+    expected = next_token_nll(teacher, window_batches(windows, 1))[0]
+    exact = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=48, sinks=4)
+    assert next_token_nll(exact, window_batches(windows, 1))[0] == pytest.approx(expected, rel=1e-5)
+    small = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=4)
+    sinks = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=4, sinks=4)
+    window_only, with_sinks = (next_token_nll(m, window_batches(windows, 1))[0] for m in (small, sinks))
+    assert abs(with_sinks - window_only) > 1e-3 * window_only
+
+
 def test_unknown_baseline_names_the_known_ones():
-    assert parse_baselines("window") == ["window"] and parse_baselines(None) == []
-    with pytest.raises(ValueError, match="unknown baseline 'sinks'; known: window"):
-        parse_baselines("window,sinks")
+    assert parse_baselines("window,sinks") == ["window", "sinks"] and parse_baselines(None) == []
+    with pytest.raises(ValueError, match="unknown baseline 'landmarks'; known: window, sinks"):
+        parse_baselines("window,landmarks")
 
 
 @pytest.fixture(scope="module")
@@ -142,26 +157,29 @@ def test_eval_command_reports_position_buckets_and_the_window_baseline(saved_mod
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, [
         "eval", "--model", str(saved_model), "--text", str(text), "--seq-len", "96", "--position-buckets",
-        "--baselines", "window", "--json", str(out)])
+        "--baselines", "window,sinks", "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     buckets = data["loss_by_position"]
     assert buckets["edges"] == [0, 64, 96] and buckets["seq_len"] == 96 and buckets["windows"] >= 2
     assert len(buckets["mean_loss"]) == len(buckets["tokens"]) == 2 and all(math.isfinite(x) for x in buckets["mean_loss"])
     window = data["baselines"]["window"]
-    assert window["window"] == 64
+    assert window["window"] == 64 and window["sinks"] == 0 and data["baselines"]["sinks"]["sinks"] == 4
     assert set(window) >= {"perplexity", "tasks", "loss_by_position"}
     assert set(window["perplexity"]) == set(data["perplexity"]) == {"long.txt"}
     assert window["loss_by_position"]["edges"] == buckets["edges"]
     # positions < 64 are inside the first block of the 64-token terrace window: the baseline is exact there
     assert window["loss_by_position"]["mean_loss"][0] == pytest.approx(buckets["mean_loss"][0], rel=1e-4)
+    # (and every position < 128 is: here both baselines are the teacher)
+    assert data["baselines"]["sinks"]["perplexity"]["long.txt"] == pytest.approx(data["perplexity"]["long.txt"], rel=1e-4)
     table = result.output.split("metric")[1]
-    assert "loss pos 0-64" in table and "loss pos 64-96" in table and "window" in table.splitlines()[0]
+    assert "loss pos 0-64" in table and "loss pos 64-96" in table
+    assert table.splitlines()[0].split() == ["value", "window", "sinks"]
 
     result = CliRunner().invoke(app, ["eval", "--model", str(saved_model), "--text", str(text), "--seq-len", "96",
                                       "--position-edges", "16,32", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["loss_by_position"]["edges"] == [0, 16, 32, 96]
 
-    result = CliRunner().invoke(app, ["eval", "--model", str(saved_model), "--text", str(text), "--baselines", "sinks"])
-    assert result.exit_code == 2 and "known: window" in result.output
+    result = CliRunner().invoke(app, ["eval", "--model", str(saved_model), "--text", str(text), "--baselines", "sink"])
+    assert result.exit_code == 2 and "known: window, sinks" in result.output

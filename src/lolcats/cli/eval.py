@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from ..evaluate.positions import parse_edges
+from ..evaluate.retrieval import DEFAULT_CONTEXTS, DEFAULT_DEPTHS, parse_numbers
 from ..evaluate.runner import evaluate_model, format_table
 from .app import app, fail
 
@@ -17,7 +18,7 @@ from .app import app, fail
 def eval_command(
     model: str = typer.Option(..., help="A linearized output folder or a base model (folder, hub id, .gguf, 'gemma3-270m')."),
     text: Optional[list[Path]] = typer.Option(None, help="Text file for perplexity (BOS + whole file, sliding windows); repeatable."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated task names (file stems in --task-dir); default: all there."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated task names: file stems in --task-dir (default: all there), and the generated retrieval tasks 'passkey' and 'multikey' (greedy generate() over --contexts x --depths)."),
     task_dir: Optional[Path] = typer.Option(None, help="Folder of task .jsonl files (default ../shared/data/eval when present)."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N items of each task, or of each category of a categorised task (same items for every model)."),
     num_fewshot: int = typer.Option(0, help="Few-shot examples per item, drawn from the same file (the same category, when the file has categories) with a fixed seed."),
@@ -34,8 +35,12 @@ def eval_command(
         None, help="Bucket edges for --position-buckets (implies it), comma-separated, e.g. 64,128,512,2048; 0 and "
         "--seq-len are added."),
     baselines: Optional[str] = typer.Option(
-        None, help="Comma-separated training-free baselines evaluated the same way, beside the model: 'window' (the "
-        "base model converted with attention=window, the run's conversion settings; window 64 for a base model)."),
+        None, help="Comma-separated rows evaluated the same way, beside the model: 'teacher' (the base model), "
+        "'window' (the base converted with attention=window under the run's conversion settings; window 64 for a "
+        "base model) and 'sinks' (the same window plus 4 attention-sink tokens)."),
+    contexts: str = typer.Option(",".join(map(str, DEFAULT_CONTEXTS)), help="Prompt lengths in tokens for the retrieval tasks."),
+    depths: str = typer.Option(",".join(map(str, DEFAULT_DEPTHS)), help="Needle depths (fractions of the prompt) for the retrieval tasks."),
+    trials: int = typer.Option(1, help="Prompts per context x depth for the retrieval tasks (different keys)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
 ) -> None:
     """Perplexity, zero/few-shot tasks from local jsonl files and fidelity to the teacher."""
@@ -45,7 +50,8 @@ def eval_command(
             model, texts=list(text or []), tasks=[t for t in tasks.split(",") if t] if tasks else None,
             task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, seq_len=seq_len, stride=stride,
             max_text_tokens=max_text_tokens, batch_size=batch_size, with_fidelity=fidelity,
-            position_edges=edges, baselines=baselines, echo=typer.echo,
+            position_edges=edges, baselines=baselines, contexts=parse_numbers(contexts, int, "--contexts"),
+            depths=parse_numbers(depths, float, "--depths"), trials=trials, echo=typer.echo,
         )
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         fail(err)

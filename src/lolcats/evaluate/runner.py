@@ -16,6 +16,7 @@ from ..models import load_base_model, resolve_dtype
 from .fidelity import fidelity, text_windows
 from .perplexity import next_token_nll, rolling_windows, window_batches
 from .positions import bucket_edges, loss_by_position
+from .retrieval import DEFAULT_CONTEXTS, DEFAULT_DEPTHS, RETRIEVAL_TASKS, evaluate_retrieval
 from .scoring import encode, rows_per_forward
 from .tasks import evaluate_task, load_task, task_files
 
@@ -37,8 +38,9 @@ def text_perplexity(model, tokenizer, path: str | Path, *, seq_len: int, stride:
     return {"ppl": math.exp(total_nll / count), "tokens": count}
 
 
-BASELINES = ("window",)  # training-free baselines of `lolcats eval --baselines` (more, e.g. "sinks", to come)
-DEFAULT_BASELINE_WINDOW = 64  # the window baseline's window for a base model (no manifest to take it from)
+BASELINES = ("teacher", "window", "sinks")  # rows of `lolcats eval --baselines` beside the model
+DEFAULT_BASELINE_WINDOW = 64  # the baselines' window for a base model (no manifest to take it from)
+BASELINE_SINKS = 4  # the sinks baseline's sink tokens (LoLCATs/Lizard's training-free "window + 4 sinks" row)
 
 
 def parse_baselines(names: str | list[str] | None) -> list[str]:
@@ -55,11 +57,13 @@ def parse_baselines(names: str | list[str] | None) -> list[str]:
 
 
 def baseline_model(spec: str, name: str):
-    """The training-free baseline ``name`` of ``spec``'s base model. ``window``: the base converted with
+    """The baseline ``name`` of ``spec``'s base model. ``teacher``: the base model itself, in the run's dtype.
+    The training-free baselines are the base converted with
     ``attention="window"`` (the softmax window alone, no linear term), every other conversion setting (window,
-    softmax layers, local layers, ...) and the dtype from a linearized folder's manifest; for a base model,
-    window ``DEFAULT_BASELINE_WINDOW`` in fp32."""
-    if name != "window":
+    softmax layers, local layers, ...) and the dtype from a linearized folder's manifest (for a base model,
+    window ``DEFAULT_BASELINE_WINDOW`` in fp32). ``window``: no sinks; ``sinks``: ``BASELINE_SINKS`` attention
+    sinks (or the run's own, if it has more)."""
+    if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
     if is_linearized_folder(spec):
         manifest = read_manifest(Path(spec))
@@ -68,7 +72,10 @@ def baseline_model(spec: str, name: str):
     else:
         conversion, dtype = LinearizeConfig(window=DEFAULT_BASELINE_WINDOW), torch.float32
     base = load_base_model(base_model_spec(spec), dtype=dtype)
-    return convert(base, conversion, attention="window").eval()
+    if name == "teacher":
+        return base.eval()
+    sinks = 0 if name == "window" else max(BASELINE_SINKS, conversion.sinks)
+    return convert(base, conversion, attention="window", sinks=sinks).eval()
 
 
 def _position_sample(tokenizer, path: str | Path, max_tokens: int | None) -> list[int]:
@@ -77,10 +84,18 @@ def _position_sample(tokenizer, path: str | Path, max_tokens: int | None) -> lis
 
 
 def _evaluate(model, tokenizer, *, texts, loaded_tasks, limit, num_fewshot, seq_len, stride, max_text_tokens,
-              batch_size, position_edges, echo) -> dict:
+              batch_size, position_edges, retrieval, echo) -> dict:
     """Perplexity of each text, each task and (``position_edges`` not None) the loss by position of the first
     text, for one model: the keys every row of the result (the model's and each baseline's) has."""
     result: dict = {"perplexity": {}, "tasks": {}}
+    if retrieval["tasks"]:
+        result["retrieval"] = {}
+    for name in retrieval["tasks"]:
+        started = time.perf_counter()
+        scores = evaluate_retrieval(model, tokenizer, name, contexts=retrieval["contexts"], depths=retrieval["depths"],
+                                    trials=retrieval["trials"], seed=retrieval["seed"], echo=echo)
+        scores["seconds"] = time.perf_counter() - started
+        result["retrieval"][name] = scores
     for path in texts:
         # As many windows per forward as the logit budget allows (at least batch_size // 4, as before): each
         # forward of a linearized model costs thousands of small ops, so few large ones beat many small ones.
@@ -132,11 +147,17 @@ def evaluate_model(
     fidelity_tokens: int = 4096,
     position_edges: list[int] | None = None,
     baselines: str | list[str] | None = None,
+    contexts: list[int] = DEFAULT_CONTEXTS,
+    depths: list[float] = DEFAULT_DEPTHS,
+    trials: int = 1,
+    seed: int = 0,
     echo: Callable[[str], None] = print,
 ) -> dict:
-    """``position_edges``: None for no loss by position, [] for the default buckets (positions.default_edges),
-    else the bucket edges. ``baselines``: names (a list or a comma list) of training-free baselines
-    (``BASELINES``) evaluated the same way, under result["baselines"][name]."""
+    """``tasks``: task files of ``task_dir`` by name, and the generated retrieval tasks (``RETRIEVAL_TASKS``:
+    passkey, multikey) over ``contexts`` × ``depths``, ``trials`` prompts each (retrieval.py). ``position_edges``:
+    None for no loss by position, [] for the default buckets (positions.default_edges), else the bucket edges.
+    ``baselines``: names (a list or a comma list) of ``BASELINES`` evaluated the same way, under
+    result["baselines"][name]."""
 
     linearized = is_linearized_folder(spec)
     baselines = parse_baselines(baselines)
@@ -144,10 +165,15 @@ def evaluate_model(
         if not texts:
             raise ValueError("the loss by position (--position-buckets) needs a --text file")
         bucket_edges(seq_len, position_edges or None)  # bad edges fail before any model loads
+    retrieval_tasks = [name for name in tasks or [] if name in RETRIEVAL_TASKS]
+    only_retrieval = bool(tasks) and len(retrieval_tasks) == len(tasks)  # (no --tasks: every task file)
+    tasks = None if tasks is None else [name for name in tasks if name not in RETRIEVAL_TASKS]
+    if retrieval_tasks and (not contexts or not depths or trials < 1):
+        raise ValueError("retrieval tasks need at least one context, one depth and one trial")
     task_dir = Path(task_dir) if task_dir else (DEFAULT_TASK_DIR if DEFAULT_TASK_DIR.is_dir() else None)
     if tasks and task_dir is None:
         raise FileNotFoundError(f"--tasks needs --task-dir (the default {DEFAULT_TASK_DIR} does not exist here)")
-    files = task_files(task_dir, tasks) if task_dir else []
+    files = task_files(task_dir, tasks) if task_dir and not only_retrieval else []
     loaded_tasks = [load_task(path) for path in files]  # malformed files fail before any model loads
     tokenizer = tokenizer_for(spec)
     model = load_model(spec)
@@ -157,10 +183,15 @@ def evaluate_model(
         settings["position_edges"] = list(position_edges) or None
     if baselines:
         settings["baselines"] = baselines
+    retrieval = {"tasks": retrieval_tasks, "contexts": list(contexts), "depths": list(depths), "trials": trials,
+                 "seed": seed}
+    if retrieval_tasks:
+        settings["retrieval"] = {key: value for key, value in retrieval.items() if key != "tasks"}
     result: dict = {"model": spec, "kind": "linearized" if linearized else "teacher", "perplexity": {}, "tasks": {},
                     "settings": settings}
     run = dict(texts=texts, loaded_tasks=loaded_tasks, limit=limit, num_fewshot=num_fewshot, seq_len=seq_len,
-               stride=stride, max_text_tokens=max_text_tokens, batch_size=batch_size, position_edges=position_edges)
+               stride=stride, max_text_tokens=max_text_tokens, batch_size=batch_size, position_edges=position_edges,
+               retrieval=retrieval)
     result.update(_evaluate(model, tokenizer, echo=echo, **run))
     if linearized and with_fidelity and texts:
 
@@ -179,9 +210,10 @@ def evaluate_model(
         result["baselines"] = {}
         for name in baselines:
             baseline = baseline_model(spec, name)
-            window = baseline.lolcats_config.window if getattr(baseline, "lolcats_config", None) else None
-            echo(f"baseline {name} (window {window}):")
-            result["baselines"][name] = {"window": window, **_evaluate(
+            settings = getattr(baseline, "lolcats_config", None)
+            window, sinks = (settings.window, settings.sinks) if settings else (None, None)
+            echo(f"baseline {name} (window {window}, sinks {sinks}):")
+            result["baselines"][name] = {"window": window, "sinks": sinks, **_evaluate(
                 baseline, tokenizer, echo=lambda line, name=name: echo(f"  [{name}] {line}"), **run)}
             del baseline
     return result
@@ -190,6 +222,8 @@ def evaluate_model(
 def _rows(result: dict) -> list[tuple[str, float | None, int]]:
     """(label, value, decimals) of each line of the table, for the model or one of its baselines."""
     rows = [("ppl " + name, ppl, 4) for name, ppl in result["perplexity"].items()]
+    for name, scores in result.get("retrieval", {}).items():
+        rows += [(f"{name} {context} tokens", accuracy, 3) for context, accuracy in scores["by_context"].items()]
     for name, scores in result["tasks"].items():
         rows.append((name + " acc", scores["acc"], 4))
         if scores.get("acc_norm") is not None:
