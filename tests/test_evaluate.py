@@ -333,3 +333,31 @@ def test_eval_of_a_long_text_never_runs_attention_over_more_than_a_window(storie
     fidelity_forwards = 2 * (math.ceil(fid["windows"] / 8) + 1)
     assert len(student_calls) <= perplexity_forwards + fidelity_forwards
     assert max(batch for batch, _ in student_calls) == 8
+
+
+def test_pairs_with_the_same_inputs_share_one_forward():
+    """MMLU-style items (one context, single-token choices) cost one row per item, with the scores of pairs scored
+    one at a time; pairs whose inputs differ are not merged."""
+    from tiny_models import tiny_model
+
+    from lolcats.evaluate.scoring import score_token_pairs
+
+    model = tiny_model("llama", seed=5)
+    generator = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(3, 96, (n,), generator=generator).tolist() for n in (17, 40, 9)]
+    pairs = [(context, [choice]) for context in contexts for choice in (11, 12, 13, 14)]
+    pairs.append((contexts[0], [11, 12]))  # a two-token continuation: other inputs, its own row
+    rows = []
+    original_forward = model.forward
+
+    def counting_forward(*args, **kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return original_forward(*args, **kwargs)
+
+    model.forward = counting_forward
+    together = score_token_pairs(model, pairs, batch_size=8)
+    assert sum(rows) == 4
+    alone = [score_token_pairs(model, [pair])[0] for pair in pairs]
+    for a, b in zip(together, alone):
+        assert a.tokens == b.tokens and a.is_greedy == b.is_greedy
+        assert a.loglikelihood == pytest.approx(b.loglikelihood, rel=1e-5, abs=1e-5)

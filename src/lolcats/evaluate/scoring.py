@@ -77,7 +77,7 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *, batch_
     """Scores of (context ids, continuation ids) pairs, in the order given."""
     max_length = max_length or model_max_length(model)
     device = next(model.parameters()).device
-    rows = []
+    rows = []  # (inputs, continuation) per pair
     truncated = []
     for context, continuation in pairs:
         if not continuation:
@@ -86,13 +86,19 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *, batch_
         continuation = continuation[-max_length:]
         ids = (context + continuation)[-(max_length + 1):]
         rows.append((ids[:-1], continuation))
+    # Pairs with the same inputs share one forward (a multiple-choice item whose choices are single tokens, such as
+    # MMLU's " A" ... " D", is one row, not four): the logits of a row do not depend on what is scored from them.
+    sequences: dict[tuple[int, ...], list[int]] = {}
+    for index, (inputs, _) in enumerate(rows):
+        sequences.setdefault(tuple(inputs), []).append(index)
+    unique = list(sequences.items())
     # Longest first, so each batch pads little and the first batch shows the peak memory.
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    order = sorted(range(len(unique)), key=lambda i: -len(unique[i][0]))
     scores: list[Score | None] = [None] * len(rows)
     for begin in range(0, len(order), batch_size):
-        batch = [rows[i] for i in order[begin:begin + batch_size]]
+        batch = [unique[i] for i in order[begin:begin + batch_size]]
         width = max(len(inputs) for inputs, _ in batch)
-        keep = max(len(continuation) for _, continuation in batch)
+        keep = max(len(rows[member][1]) for _, members in batch for member in members)
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)
         attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, (inputs, _) in enumerate(batch):
@@ -105,16 +111,18 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], *, batch_
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                        position_ids=position_ids.to(device), use_cache=False, logits_to_keep=kept).logits
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, keep, V): only the last `keep` positions
-        for row, (_, continuation) in enumerate(batch):
-            target = torch.tensor(continuation, device=device)
-            row_log_probs = log_probs[row, keep - len(continuation):]
-            picked = row_log_probs.gather(-1, target[:, None]).squeeze(-1)
-            scores[order[begin + row]] = Score(
-                loglikelihood=float(picked.sum()),
-                is_greedy=bool((row_log_probs.argmax(-1) == target).all()),
-                tokens=len(continuation),
-                truncated=truncated[order[begin + row]],
-            )
+        for row, (_, members) in enumerate(batch):
+            for member in members:
+                continuation = rows[member][1]
+                target = torch.tensor(continuation, device=device)
+                row_log_probs = log_probs[row, keep - len(continuation):]
+                picked = row_log_probs.gather(-1, target[:, None]).squeeze(-1)
+                scores[member] = Score(
+                    loglikelihood=float(picked.sum()),
+                    is_greedy=bool((row_log_probs.argmax(-1) == target).all()),
+                    tokens=len(continuation),
+                    truncated=truncated[member],
+                )
     return scores
 
 
