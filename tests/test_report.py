@@ -115,3 +115,54 @@ def test_strings_from_files_are_escaped(manifest_only: Path):
     page = build_report(manifest_only).read_text(encoding="utf-8")
     assert "&lt;b&gt;bold&lt;/b&gt;" in page and "<b>bold" not in page
     assert "<img src=x" not in page
+
+
+def _row(acc: float, categories: dict, losses: list, passkey: list, window: int | None = None) -> dict:
+    row = {"perplexity": {}, "tasks": {"mmlu": {"acc": acc, "macro_acc": acc - 0.01, "n": 40,
+                                                "categories": {c: {"acc": a, "n": 20} for c, a in categories.items()}}},
+           "loss_by_position": {"text": "long.txt", "edges": [0, 64, 128, 512, 1024], "mean_loss": losses,
+                                "tokens": [64, 64, 384, 511], "seq_len": 1024, "windows": 1},
+           "retrieval": {"passkey": {"contexts": [1024, 2048], "depths": [0.1, 0.9], "accuracy": passkey,
+                                     "by_context": {"1024": sum(passkey[0]) / 2, "2048": sum(passkey[1]) / 2},
+                                     "mean": sum(map(sum, passkey)) / 4}}}
+    if window is not None:
+        row["window"], row["sinks"] = window, 4
+    return row
+
+
+def _eval_with_baselines(linearized_acc: float, linearized_loss: float) -> dict:
+    return {"model": "run", "kind": "linearized",
+            **_row(linearized_acc, {"anatomy": 0.3, "virology": linearized_acc}, [2.0, 2.1, linearized_loss, 2.4],
+                   [[1, 0], [0, 0]]),
+            "baselines": {
+                "teacher": _row(0.40, {"anatomy": 0.35, "virology": 0.45}, [2.0, 2.0, 2.0, 2.0], [[1, 1], [1, 1]]),
+                "window": {**_row(0.30, {"anatomy": 0.3, "virology": 0.3}, [2.0, 2.1, 2.6, 2.7], [[0, 0], [0, 0]]),
+                           "window": 64, "sinks": 0},
+                "sinks": _row(0.33, {"anatomy": 0.31, "virology": 0.35}, [2.0, 2.1, 2.3, 2.4], [[0, 0], [0, 0]],
+                              window=64)}}
+
+
+def test_baselines_section_draws_each_row_and_says_plainly_when_the_model_fails(manifest_only: Path):
+    from lolcats.evaluate.runner import format_table
+    from lolcats.evaluate.verdict import comparisons, loss_beyond
+
+    failing = _eval_with_baselines(linearized_acc=0.32, linearized_loss=2.5)
+    (manifest_only / "eval.json").write_text(json.dumps(failing))
+    page = build_report(manifest_only).read_text(encoding="utf-8")
+    assert "Linearized vs teacher and training-free baselines" in page
+    for text in ("anatomy", "virology", "mmlu macro acc", "0.3200", "0.3300"):
+        assert text in page, text
+    section = page.split("Linearized vs teacher and training-free baselines")[1]
+    assert section.count(PNG) == 2  # the passkey heat-maps (4 rows in one figure) and the loss-by-position curve
+    assert "FAILED: the linearized model does not beat the training-free window+sinks baseline on mmlu acc, " \
+           "loss at positions &gt;= 128" in section
+    # loss beyond the window: the token-weighted mean of the buckets from 2·window = 128 on
+    assert loss_beyond(failing["loss_by_position"], 128) == pytest.approx((2.5 * 384 + 2.4 * 511) / 895)
+    assert [c["beats"] for c in comparisons(failing)] == [False, False, True]  # passkey 0.25 > 0 (not required)
+    assert "FAILED" in format_table(failing)
+
+    passing = _eval_with_baselines(linearized_acc=0.36, linearized_loss=2.1)
+    (manifest_only / "eval.json").write_text(json.dumps(passing))
+    section = build_report(manifest_only).read_text(encoding="utf-8").split("training-free baselines")[1]
+    assert "PASSED: the linearized model beats the training-free window+sinks baseline on mmlu acc" in section
+    assert "FAILED" not in section

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_write_bytes, read_manifest
 from ..jsonl import jsonl_objects
+from .verdict import comparisons, result_rows, verdict_lines
 
 REPORT = "report.html"
 
@@ -374,6 +375,87 @@ def _fidelity(fidelity: Mapping[str, dict], results: Mapping[str, dict]) -> str:
     return "".join(parts)
 
 
+def _baselines_section(results: Mapping[str, dict]) -> str:
+    """Where linearization shows, for each eval file with baselines, retrieval or loss by position: the categorised
+    tasks (MMLU) by category, a passkey heat-map (context × depth) and the loss-by-position curve, the model and its
+    baselines side by side in each, then the plain verdict against the training-free window + sinks row."""
+    parts = []
+    for name, result in results.items():
+        rows = result_rows(result)
+        pieces = [_categories_table(rows), _retrieval_figures(rows), _positions_figure(rows)]
+        found = comparisons(result)
+        if found:
+            failed = any(c["required"] and not c["beats"] for c in found)
+            colour = "#a00" if failed else "#070"
+            pieces.append(f'<p style="color:{colour}"><strong>'
+                          + "<br>".join(html.escape(line) for line in verdict_lines(result)) + "</strong></p>")
+        if any(pieces):
+            parts += [f"<h3>{html.escape(name)}: {html.escape(', '.join(rows))}</h3>", *[p for p in pieces if p]]
+    return _section("Linearized vs teacher and training-free baselines", *parts) if parts else ""
+
+
+def _categories_table(rows: Mapping[str, Mapping]) -> str:
+    """Per categorised task: acc over all items and the macro average, then each category, one column per row."""
+    tables = []
+    for task in _union(_part(row, "tasks") for row in rows.values()):
+        scores = {label: _part(row, "tasks").get(task) or {} for label, row in rows.items()}
+        if not any("categories" in score for score in scores.values()):
+            continue
+        lines = [[f"{html.escape(task)} acc (all items)", *(_number(s.get("acc"), ".4f") for s in scores.values())],
+                 [f"{html.escape(task)} macro acc", *(_number(s.get("macro_acc"), ".4f") for s in scores.values())]]
+        for category in _union(score.get("categories") or {} for score in scores.values()):
+            cells = [((score.get("categories") or {}).get(category) or {}) for score in scores.values()]
+            counts = sorted({str(cell["n"]) for cell in cells if "n" in cell})
+            lines.append([f"{html.escape(str(category))} <small>(n={'/'.join(counts)})</small>",
+                          *(_number(cell.get("acc"), ".3f") for cell in cells)])
+        tables.append(_table(["", *map(html.escape, scores)], lines))
+    return "".join(tables)
+
+
+def _retrieval_figures(rows: Mapping[str, Mapping]) -> str:
+    """One heat-map per retrieval task and row: accuracy by context (rows) and depth (columns)."""
+    images = []
+    for task in _union(_part(row, "retrieval") for row in rows.values()):
+        measured = {label: _part(row, "retrieval").get(task) for label, row in rows.items()}
+        measured = {label: m for label, m in measured.items() if isinstance(m, dict) and m.get("accuracy")}
+        if not measured:
+            continue
+        figure, axes = _figure(len(measured), width=3.6, height=3.2)
+        for axis, (label, m) in zip(axes, measured.items()):
+            axis.imshow(m["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            axis.set_xticks(range(len(m["depths"])), [f"{d:g}" for d in m["depths"]], fontsize=7)
+            axis.set_yticks(range(len(m["contexts"])), [str(c) for c in m["contexts"]], fontsize=7)
+            for i, row in enumerate(m["accuracy"]):
+                for j, value in enumerate(row):
+                    axis.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=6)
+            axis.set_title(f"{label}: {m.get('mean', 0):.2f}", fontsize=9)
+            axis.set_xlabel("depth")
+            axis.set_ylabel("context (tokens)")
+        images.append(_image(_png(figure), f"{task} accuracy by context and depth"))
+    return "".join(images)
+
+
+def _positions_figure(rows: Mapping[str, Mapping]) -> str:
+    """Mean next-token loss per position bucket, one line per row (x: the bucket's upper edge, log scale)."""
+    curves = {label: row["loss_by_position"] for label, row in rows.items()
+              if isinstance(row.get("loss_by_position"), dict)}
+    if not curves:
+        return ""
+    figure, (axis,) = _figure(width=7)
+    for label, curve in curves.items():
+        points = [(high, loss) for high, loss in zip(curve["edges"][1:], curve["mean_loss"]) if _is_number(loss)]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("position in the window (bucket's upper edge)")
+    axis.set_ylabel("mean next-token loss")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    text = next(iter(curves.values())).get("text")
+    axis.set_title(f"loss by position on {text}" if text else "loss by position")
+    return _image(_png(figure), "next-token loss by position")
+
+
 def _decode_section(results: Mapping[str, dict]) -> str:
     parts = []
     for name, result in results.items():
@@ -418,6 +500,7 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
         _layers_section(manifest),
         _training_section(logs),
         _eval_section(evals),
+        _baselines_section(evals),
         _decode_section(decodes),
     ]
     spec = (manifest.get("base_model") or {}).get("spec") or directory.name

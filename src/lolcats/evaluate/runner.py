@@ -19,6 +19,7 @@ from .positions import bucket_edges, loss_by_position
 from .retrieval import DEFAULT_CONTEXTS, DEFAULT_DEPTHS, RETRIEVAL_TASKS, evaluate_retrieval
 from .scoring import encode, rows_per_forward
 from .tasks import evaluate_task, load_task, task_files
+from .verdict import verdict_lines
 
 DEFAULT_TASK_DIR = Path("../shared/data/eval")
 FIDELITY_SEQ_LEN = 512  # longest window of the fidelity sample (the exact-attention comparison's bound)
@@ -256,4 +257,5 @@ def format_table(result: dict) -> str:
     for label, value, decimals in _rows(result):
         cells = "".join(" " + _cell(column.get(label, (None, 0))[0], decimals) for column in columns)
         lines.append(f"{label:<32} {_cell(value, decimals)}{cells}")
-    return "\n".join(lines)
+    verdict = verdict_lines(result)
+    return "\n".join(lines + ([""] + verdict if verdict else []))
