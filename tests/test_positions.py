@@ -127,7 +127,7 @@ def test_sinks_baseline_keeps_the_first_tokens_in_softmax():
 
 def test_unknown_baseline_names_the_known_ones():
     assert parse_baselines("window,sinks") == ["window", "sinks"] and parse_baselines(None) == []
-    with pytest.raises(ValueError, match="unknown baseline 'landmarks'; known: window, sinks"):
+    with pytest.raises(ValueError, match="unknown baseline 'landmarks'; known: teacher, window, sinks"):
         parse_baselines("window,landmarks")
 
 
@@ -182,4 +182,4 @@ def test_eval_command_reports_position_buckets_and_the_window_baseline(saved_mod
     assert json.loads(out.read_text())["loss_by_position"]["edges"] == [0, 16, 32, 96]
 
     result = CliRunner().invoke(app, ["eval", "--model", str(saved_model), "--text", str(text), "--baselines", "sink"])
-    assert result.exit_code == 2 and "known: window, sinks" in result.output
+    assert result.exit_code == 2 and "known: teacher, window, sinks" in result.output
