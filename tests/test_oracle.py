@@ -208,26 +208,31 @@ def phi_of(heads, seed):
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1])
-@pytest.mark.parametrize("kind,size,large", [
-    ("sliding", 3, False), ("sliding", 8, True), ("terrace", 3, False), ("terrace", 4, True), ("none", 0, False),
+@pytest.mark.parametrize("kind,size,large,sinks", [
+    ("sliding", 3, False, 0), ("sliding", 8, True, 0), ("terrace", 3, False, 0), ("terrace", 4, True, 0),
+    ("none", 0, False, 0), ("sliding", 3, True, 2), ("terrace", 3, True, 4), ("terrace", 4, False, 1),
 ])
-@pytest.mark.parametrize("prompt", [1, 7, 12])
-def test_prefill_then_steps_match_oracle(kind, size, large, prompt, kv_heads):
+@pytest.mark.parametrize("prompt", [1, 3, 7, 12])
+def test_prefill_then_steps_match_oracle(kind, size, large, sinks, prompt, kv_heads):
     """recurrent_state_from_prefix over a prompt, then hybrid_attention_step token by token (the decode path,
-    φ of keys computed as they leave the window) gives the oracle's outputs at every later position."""
+    φ of keys computed as they leave the window) gives the oracle's outputs at every later position; with sinks,
+    the prefix state holds each row's first tokens (rows padded differently) and the steps read them."""
     length = 26
     q, k, v, _, _, gamma = make_inputs(3, kv_heads, length, seed=prompt + kv_heads, large=large)
     phi = phi_of(HEADS, seed=prompt)
     fq, fk = phi(q), phi(k)
     start = torch.tensor([0, min(2, prompt - 1), prompt])  # the last row's first real token comes after the prompt
-    window = window_of(kind, size)
-    expected = hybrid_attention_oracle(q, k, v, fq, fk, kind=kind, size=size, scaling=0.5, gamma=gamma, start=start)
+    window = window_of(kind, size, sinks)
+    expected = hybrid_attention_oracle(q, k, v, fq, fk, kind=kind, size=size, scaling=0.5, gamma=gamma, start=start,
+                                       sinks=sinks)
     cache = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
                                         num_heads=HEADS, start=start.clamp(max=prompt))
     steps = [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], t >= start,
                                    window=window, scaling=0.5, gamma=gamma, key_features=phi)
              for t in range(prompt, length)]
     assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL
+    if sinks:
+        assert cache.sink_keys.shape[2] == sinks  # constant in the context
 
 
 @pytest.mark.parametrize("sliding_window", [None, 1, 6, 17])
@@ -279,27 +284,6 @@ def test_sinks_match_oracle(kind, size, sinks, length, chunk_size, kv_heads, use
         without = hybrid_attention_oracle(q, k, v, fq, fk, kind=kind, size=size, scaling=HEAD_DIM**-0.5, gamma=gamma,
                                           use_linear=use_linear, start=start)
         assert max_relative_error(without, expected) > 1e-3
-
-
-@pytest.mark.parametrize("kind,size,sinks", [("sliding", 3, 2), ("terrace", 3, 4), ("terrace", 4, 1)])
-@pytest.mark.parametrize("prompt", [1, 3, 12])
-def test_sinks_prefill_then_steps_match_oracle(kind, size, sinks, prompt):
-    """Decode with sinks: the prefix state holds each row's sinks (rows padded differently), steps read them."""
-    length = 26
-    q, k, v, _, _, gamma = make_inputs(3, 2, length, seed=prompt + sinks, large=True)
-    phi = phi_of(HEADS, seed=prompt)
-    fq, fk = phi(q), phi(k)
-    start = torch.tensor([0, min(2, prompt - 1), prompt])
-    window = Window(kind, size, sinks)
-    expected = hybrid_attention_oracle(q, k, v, fq, fk, kind=kind, size=size, scaling=0.5, gamma=gamma, start=start,
-                                       sinks=sinks)
-    cache = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
-                                        num_heads=HEADS, start=start.clamp(max=prompt))
-    steps = [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], t >= start,
-                                   window=window, scaling=0.5, gamma=gamma, key_features=phi)
-             for t in range(prompt, length)]
-    assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL
-    assert cache.sink_keys.shape[2] == sinks  # constant in the context
 
 
 def test_oracle_sink_membership():

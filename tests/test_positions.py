@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_model
+from tiny_models import teacher_or_linearized, tiny_model
 from typer.testing import CliRunner
 
 import lolcats
@@ -39,13 +39,7 @@ def stream():
 
 @pytest.fixture(scope="module", params=["teacher", "linearized"])
 def model(request):
-    model = tiny_model("llama", seed=1)
-    if request.param == "linearized":
-        model = lolcats.convert(model, window=4)
-        generator = torch.Generator().manual_seed(0)
-        for layer in lolcats.linearized_layers(model):
-            layer.window_logit.data = torch.randn(layer.window_logit.shape, generator=generator)
-    return model
+    return teacher_or_linearized(request.param)
 
 
 def test_default_edges_double_up_to_the_sequence_length():

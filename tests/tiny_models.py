@@ -3,6 +3,8 @@
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import lolcats
+
 COMMON = dict(
     vocab_size=96,
     hidden_size=64,
@@ -46,3 +48,15 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)
     return model.eval()
+
+
+def teacher_or_linearized(kind: str):
+    """A tiny Llama (``"teacher"``) or the same converted with window 4 and γ far from its initial value
+    (``"linearized"``), so that losses and scores go through the linear term."""
+    model = tiny_model("llama", seed=1)
+    if kind == "linearized":
+        model = lolcats.convert(model, window=4)
+        generator = torch.Generator().manual_seed(0)
+        for layer in lolcats.linearized_layers(model):
+            layer.window_logit.data = torch.randn(layer.window_logit.shape, generator=generator)
+    return model

@@ -87,8 +87,18 @@ def next_token_nll(model, batches: Iterable[ScoredBatch]) -> tuple[float, int]:
     The one perplexity computation: the decoder's final hidden states at the scored positions go through the
     LM head in chunks (next_token.py), so no positions × vocabulary logits tensor exists; each batch's sum is
     accumulated in fp32, the total in float64."""
-    device = next(model.parameters()).device
     total, count = 0.0, 0
+    for hidden, targets, _ in scored_hidden_states(model, batches):
+        total += float(next_token_loss_sum(model, hidden, targets))
+        count += targets.shape[0]
+    return total, count
+
+
+def scored_hidden_states(model, batches: Iterable[ScoredBatch]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch with a scored token: (final hidden states (N, d) at the N positions that predict a scored token,
+    the tokens they predict (N,), and the index in its row of each predicted token (N,), on the CPU): one forward
+    per batch, and the one place every next-token loss (total, by position) is computed from."""
+    device = next(model.parameters()).device
     for input_ids, attention_mask, labels in batches:
         targets = labels[:, 1:].to(device)
         scored = targets != IGNORE_INDEX
@@ -96,9 +106,8 @@ def next_token_nll(model, batches: Iterable[ScoredBatch]) -> tuple[float, int]:
             continue
         mask = None if attention_mask is None else attention_mask.to(device)
         hidden = final_hidden(model, input_ids.to(device), mask)[:, :-1]
-        total += float(next_token_loss_sum(model, hidden[scored], targets[scored]))
-        count += int(scored.sum())
-    return total, count
+        positions = torch.arange(1, labels.shape[1]).expand(labels.shape[0], -1)[scored.cpu()]
+        yield hidden[scored], targets[scored], positions
 
 
 def window_batches(windows: Sequence[Window], batch_size: int) -> Iterator[ScoredBatch]:

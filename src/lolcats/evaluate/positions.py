@@ -19,9 +19,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..data import IGNORE_INDEX
-from ..next_token import chunk_rows, final_hidden, output_head
-from .perplexity import ScoredBatch, Window, window_batches
+from ..next_token import chunk_rows, output_head
+from .perplexity import ScoredBatch, Window, scored_hidden_states, window_batches
 
 # Bucket edges before the doubling: 0–64, 64–128, 128–512, then 512–1024, 1024–2048, ... doubling up to seq_len.
 FIRST_EDGES = (0, 64, 128, 512)
@@ -83,21 +82,12 @@ def nll_by_position(model, batches: Iterable[ScoredBatch], length: int) -> tuple
     """(Σ NLL, count) at each position 0 .. ``length`` − 1 (float64 and int64 tensors of ``length``, on the CPU)
     over the scored tokens of ``batches`` (``perplexity.ScoredBatch``), position t being the index in its row
     of the token predicted."""
-    device = next(model.parameters()).device
     sums = torch.zeros(length, dtype=torch.float64)
     counts = torch.zeros(length, dtype=torch.long)
-    for input_ids, attention_mask, labels in batches:
-        if labels.shape[1] > length:
-            raise ValueError(f"a row of {labels.shape[1]} tokens is longer than the {length} positions counted")
-        targets = labels[:, 1:].to(device)
-        scored = targets != IGNORE_INDEX
-        if not bool(scored.any()):
-            continue
-        mask = None if attention_mask is None else attention_mask.to(device)
-        hidden = final_hidden(model, input_ids.to(device), mask)[:, :-1]
-        losses = next_token_nll_rows(model, hidden[scored], targets[scored]).double().cpu()
-        positions = torch.arange(1, labels.shape[1]).expand(labels.shape[0], -1)[scored.cpu()]
-        sums.index_add_(0, positions, losses)
+    for hidden, targets, positions in scored_hidden_states(model, batches):
+        if int(positions.max()) >= length:
+            raise ValueError(f"a row of {int(positions.max()) + 1} tokens is longer than the {length} positions counted")
+        sums.index_add_(0, positions, next_token_nll_rows(model, hidden, targets).double().cpu())
         counts.index_add_(0, positions, torch.ones_like(positions))
     return sums, counts
 
