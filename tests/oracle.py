@@ -16,7 +16,8 @@ the definition (LoLCATs, Zhang et al. 2024, eq. for the hybrid "sliding window +
 
     m_i   = max_{j ∈ W(i)} s_ij,   s_ij = scaling · q_i·k_j       (the window's max only)
     w_ij  = γ_h · exp(s_ij − m_i)        for j ∈ W(i)
-          = φ(q_i)·φ(k_j)                for j ∈ Lin(i)
+          = φ(q_i)·φ(k_j) · d_ij         for j ∈ Lin(i), d_ij = Π_{t=j+1..i} g_t (1 without a decay gate;
+                                         g_t = exp(a_t), a = log_decay (B, H, L), per head)
     out_i = Σ_j w_ij v_j / Σ_j w_ij      (0 when the sum is 0, and 0 for padding queries)
 
 The max m_i is not a neutral stabiliser: it sets the scale of the softmax terms (the largest is exactly γ)
@@ -46,7 +47,7 @@ def in_window(kind: str, size: int, query_position: int, key_position: int, sink
 
 
 def hybrid_attention_oracle(q, k, v, fq, fk, *, kind: str, size: int = 0, scaling: float = 1.0, gamma=None,
-                            use_linear: bool = True, start=None, sinks: int = 0) -> torch.Tensor:
+                            use_linear: bool = True, start=None, sinks: int = 0, log_decay=None) -> torch.Tensor:
     """(B, H, L, Dv) float64 output of hybrid attention; q (B, H, L, D), k/v (B, Hkv, L, ·), fq/fk (B, H, L, F)."""
     batch, num_kv_heads, length, value_dim = v.shape
     num_heads = (q if q is not None else fq).shape[1]
@@ -75,7 +76,11 @@ def hybrid_attention_oracle(q, k, v, fq, fk, *, kind: str, size: int = 0, scalin
                     weights += [gammas[h] * math.exp(s - top) for s in scores]
                     values += [v[b, kv_head, j] for j in window_keys]
                 for j in linear_keys:
-                    weights.append(float(fq[b, h, i] @ fk[b, h, j]))
+                    decay = 1.0
+                    if log_decay is not None:
+                        for t in range(j + 1, i + 1):
+                            decay *= math.exp(float(log_decay[b, h, t]))
+                    weights.append(float(fq[b, h, i] @ fk[b, h, j]) * decay)
                     values.append(v[b, kv_head, j])
                 total = sum(weights)
                 if total == 0:

@@ -106,6 +106,9 @@ def test_hybrid_modes_agree(batch, kv_heads, groups, length, head_dim, feature_d
     q, k, v, fq, fk, gamma = make_inputs(batch, heads, kv_heads, length, head_dim, feature_dim, seed)
     start = torch.tensor(data.draw(st.lists(st.integers(0, length - 1), min_size=batch, max_size=batch)))
     kwargs = dict(window=window, scaling=head_dim**-0.5, gamma=gamma, use_linear=use_linear, start=start)
+    if use_linear and data.draw(st.booleans()):  # a decay gate, from barely forgetting to forgetting fast
+        strength = data.draw(st.sampled_from([1e-3, 0.1, 2.0]))
+        kwargs["log_decay"] = -strength * torch.rand(batch, heads, length, generator=torch.Generator().manual_seed(seed))
 
     expected = real_rows(hybrid_attention_reference(q, k, v, fq, fk, **kwargs), start)
     chunked = real_rows(hybrid_attention_chunked(q, k, v, fq, fk, chunk_size=chunk_size, **kwargs), start)
@@ -170,19 +173,22 @@ def test_full_window_is_exact_softmax():
 
 @pytest.mark.parametrize("window", [Window("terrace", 8), Window("sliding", 8), Window("none"),
                                     Window("terrace", 8, sinks=4), Window("sliding", 6, sinks=3)])
-def test_chunked_gradients_match_reference(window):
+@pytest.mark.parametrize("gated", [False, True])
+def test_chunked_gradients_match_reference(window, gated):
     q, k, v, fq, fk, gamma = make_inputs(2, 4, 2, 45, 8, 6, seed=7, dtype=torch.float64)
+    log_decay = -0.3 * torch.rand(2, 4, 45, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     start = torch.tensor([0, 4])
-    inputs = [x.clone().requires_grad_(True) for x in (q, k, v, fq, fk, gamma)]
+    inputs = [x.clone().requires_grad_(True) for x in (q, k, v, fq, fk, gamma, log_decay)]
     weights = torch.randn(2, 4, 45, 8, dtype=torch.float64)
 
     def loss(fn, **extra):
-        out = fn(*inputs[:5], window=window, scaling=0.3, gamma=inputs[5], start=start, **extra)
+        out = fn(*inputs[:5], window=window, scaling=0.3, gamma=inputs[5], start=start,
+                 log_decay=inputs[6] if gated else None, **extra)
         return (real_rows(out, start) * weights).sum()
 
     grads_ref = torch.autograd.grad(loss(hybrid_attention_reference), inputs, allow_unused=True)
     grads_chunked = torch.autograd.grad(loss(hybrid_attention_chunked, chunk_size=8), inputs, allow_unused=True)
-    for name, a, b in zip("q k v fq fk gamma".split(), grads_chunked, grads_ref):
+    for name, a, b in zip("q k v fq fk gamma log_decay".split(), grads_chunked, grads_ref):
         if b is None:
             assert a is None or a.abs().max() == 0, name
             continue
@@ -286,16 +292,18 @@ def test_state_from_prefix_continues_like_stepping(window, prompt):
     assert max_relative_error(torch.stack(steps, dim=2).float().cpu(), expected[:, :, prompt:]) <= STEP_RTOL
 
 
-def step_through(cache, q, k, v, fq, fk, start, columns, phi, **kwargs):
+def step_through(cache, q, k, v, fq, fk, start, columns, phi, log_decay=None, **kwargs):
     """hybrid_attention_step over the given columns, with rows starting at ``start`` (left padding)."""
     return [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], t >= start,
-                                  key_features=phi, **kwargs)
+                                  key_features=phi, log_decay=None if log_decay is None else log_decay[:, :, t],
+                                  **kwargs)
             for t in columns]
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("prompt", [1, 5, 8, 13, 16, 17, 31])
-def test_state_from_prefix_is_the_state_steps_reach(window, prompt):
+def test_state_from_prefix_is_the_state_steps_reach(window, prompt, gated):
     """Every tensor of the prefill state (S, z, the terrace's S_next and z_next, ring, positions, counters)
     equals the state after stepping through the same prompt, left-padded rows included."""
     q, k, v, _, _, gamma = make_inputs(3, 4, 2, prompt, 8, 6, seed=prompt)
@@ -304,9 +312,12 @@ def test_state_from_prefix_is_the_state_steps_reach(window, prompt):
     fq, fk = phi(q), phi(k)
     gamma = gamma.to(TEST_DEVICE)
     start = torch.tensor([0, min(3, prompt - 1), prompt], device=TEST_DEVICE)  # the last row is all padding
-    stepped = RecurrentState.empty(3, 4, 2, 8, 8, 6, window, dtype=TEST_DTYPE, device=TEST_DEVICE)
-    step_through(stepped, q, k, v, fq, fk, start, range(prompt), phi, window=window, gamma=gamma)
-    built = recurrent_state_from_prefix(k, v, fk, window=window, num_heads=4, start=start)
+    log_decay = None
+    if gated:
+        log_decay = -0.3 * torch.rand(3, 4, prompt, generator=torch.Generator().manual_seed(prompt)).to(TEST_DEVICE)
+    stepped = RecurrentState.empty(3, 4, 2, 8, 8, 6, window, dtype=TEST_DTYPE, device=TEST_DEVICE, gated=gated)
+    step_through(stepped, q, k, v, fq, fk, start, range(prompt), phi, log_decay=log_decay, window=window, gamma=gamma)
+    built = recurrent_state_from_prefix(k, v, fk, window=window, num_heads=4, start=start, log_decay=log_decay)
     assert built.columns == stepped.columns == prompt
     assert set(built.tensors()) == set(stepped.tensors())
     for name, tensor in stepped.tensors().items():
@@ -350,7 +361,7 @@ def test_each_key_passes_through_phi_once(window):
 
 
 def tiny_step_inputs(length=20):
-    window = Window("terrace", 4, sinks=2)  # sinks: written and read by tensor masks too
+    window = Window("terrace", 4, sinks=2)  # sinks and the decay gate (below): tensor masks and products too
     q, k, v, _, _, gamma = make_inputs(2, 4, 2, length, 8, 6, seed=4)
     q, k, v = on_test_device(q, k, v)
     phi = feature_function(4, 8, 6, seed=4)
@@ -365,13 +376,14 @@ def compiled_step_matches_eager(backend):
     torch._dynamo.utils.counters.clear()
     window, q, k, v, fq, fk, gamma, start, phi = tiny_step_inputs()
     compiled = torch.compile(hybrid_attention_step, fullgraph=True, backend=backend)  # a graph break raises
-    eager_cache, compiled_cache = (RecurrentState.empty(2, 4, 2, 8, 8, 6, window, dtype=TEST_DTYPE, device=TEST_DEVICE)
-                                   for _ in range(2))
+    eager_cache, compiled_cache = (RecurrentState.empty(2, 4, 2, 8, 8, 6, window, dtype=TEST_DTYPE, device=TEST_DEVICE,
+                                                        gated=True) for _ in range(2))
     kwargs = dict(window=window, scaling=0.3, gamma=gamma, key_features=phi)
+    log_decay = -0.2 * torch.rand(2, 4, q.shape[2], generator=torch.Generator().manual_seed(0)).to(TEST_DEVICE)
     for t in range(q.shape[2]):  # across block boundaries (every 4 tokens) and a row's left padding
         args = (q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], None, t >= start)
-        expected = hybrid_attention_step(eager_cache, *args, **kwargs)
-        got = compiled(compiled_cache, *args, **kwargs)
+        expected = hybrid_attention_step(eager_cache, *args, log_decay=log_decay[:, :, t], **kwargs)
+        got = compiled(compiled_cache, *args, log_decay=log_decay[:, :, t], **kwargs)
         assert max_relative_error(got.float(), expected.float()) <= STEP_RTOL, t
     for name, tensor in eager_cache.tensors().items():
         assert torch.allclose(compiled_cache.tensors()[name].float(), tensor.float(), rtol=1e-5, atol=1e-6), name

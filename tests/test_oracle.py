@@ -291,3 +291,56 @@ def test_oracle_sink_membership():
     assert [r for r in range(10) if in_window("sliding", 2, 9, r, sinks=3)] == [0, 1, 2, 8, 9]
     assert [r for r in range(10) if in_window("terrace", 4, 9, r, sinks=1)] == [0, 4, 5, 6, 7, 8, 9]
     assert not in_window("none", 0, 9, 0, sinks=3)
+
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("kind,size,sinks,length,chunk_size", [
+    ("sliding", 3, 0, 29, 4), ("sliding", 5, 1, 40, 3), ("terrace", 4, 2, 37, 4), ("terrace", 3, 0, 40, 5),
+    ("terrace", 8, 0, 40, 16), ("none", 0, 0, 37, 4),
+])
+@pytest.mark.parametrize("strength", [1e-3, 0.5])
+def test_decay_gate_matches_oracle(kind, size, sinks, length, chunk_size, kv_heads, strength):
+    """A decay gate on the linear term (every linear weight times Π g_t between key and query) in all three paths,
+    padded rows counting from their first real token; at strength 0.5 it changes the output, as it must."""
+    q, k, v, fq, fk, gamma = make_inputs(3, kv_heads, length, seed=length + kv_heads)
+    log_decay = -strength * torch.rand(3, HEADS, length, generator=torch.Generator().manual_seed(length))
+    start = starts_for(3, length)
+    settings = dict(kind=kind, size=size, scaling=HEAD_DIM**-0.5, gamma=gamma, start=start, sinks=sinks)
+    expected = hybrid_attention_oracle(q, k, v, fq, fk, log_decay=log_decay, **settings)
+    window = window_of(kind, size, sinks)
+    paths = {
+        "reference": hybrid_attention_reference(q, k, v, fq, fk, window=window, scaling=HEAD_DIM**-0.5, gamma=gamma,
+                                                start=start, log_decay=log_decay),
+        "chunked": hybrid_attention_chunked(q, k, v, fq, fk, window=window, scaling=HEAD_DIM**-0.5, gamma=gamma,
+                                            start=start, log_decay=log_decay, chunk_size=chunk_size),
+        "recurrent": hybrid_attention_recurrent(q, k, v, fq, fk, window=window, scaling=HEAD_DIM**-0.5, gamma=gamma,
+                                                start=start, log_decay=log_decay),
+    }
+    for name, out in paths.items():
+        assert max_relative_error(out, expected) <= RTOL, name
+    if strength == 0.5:
+        assert max_relative_error(hybrid_attention_oracle(q, k, v, fq, fk, **settings), expected) > 1e-2
+
+
+@pytest.mark.parametrize("kind,size,sinks", [("sliding", 3, 0), ("terrace", 4, 2), ("none", 0, 0)])
+@pytest.mark.parametrize("prompt", [1, 7, 12])
+def test_decay_gate_prefill_then_steps_match_oracle(kind, size, sinks, prompt):
+    """Decode with a decay gate: the prefix state carries each key's decay to the prompt's end (ring slots too),
+    each step decays the state and folds leaving keys with what they have accumulated."""
+    length = 26
+    q, k, v, _, _, gamma = make_inputs(3, 2, length, seed=prompt)
+    phi = phi_of(HEADS, seed=prompt)
+    fq, fk = phi(q), phi(k)
+    log_decay = -0.4 * torch.rand(3, HEADS, length, generator=torch.Generator().manual_seed(prompt))
+    start = torch.tensor([0, min(2, prompt - 1), prompt])
+    window = window_of(kind, size, sinks)
+    expected = hybrid_attention_oracle(q, k, v, fq, fk, kind=kind, size=size, scaling=0.5, gamma=gamma, start=start,
+                                       sinks=sinks, log_decay=log_decay)
+    cache = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
+                                        num_heads=HEADS, start=start.clamp(max=prompt), log_decay=log_decay[:, :, :prompt])
+    steps = [hybrid_attention_step(cache, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], t >= start,
+                                   window=window, scaling=0.5, gamma=gamma, key_features=phi,
+                                   log_decay=log_decay[:, :, t])
+             for t in range(prompt, length)]
+    assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL

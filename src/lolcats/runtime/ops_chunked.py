@@ -26,6 +26,7 @@ from .ops_common import (
     Window,
     accumulation_dtype,
     check_inputs,
+    check_log_decay,
     gamma_per_head,
     normalise,
     row_starts,
@@ -58,6 +59,30 @@ def _prefix_sum(x: torch.Tensor, block: int = 16) -> torch.Tensor:
     return (inner + before[:, :, :, None]).view(batch, heads, blocks * block, width)[:, :, :n]
 
 
+def _decayed_prefix_sum(x: torch.Tensor, log_decay: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """S_c = exp(d_c) S_{c−1} + x_c over dim 2 of (B, H, n, X), with d (B, H, n) ≤ 0 in float64.
+
+    As ``_prefix_sum``: inside blocks of ``block`` rows a (block × block) matrix of decays exp(D_c − D_c'') (D the
+    running sum of d inside the block, so no exponent grows with the sequence) does the work in one matmul, and
+    only the block totals are carried from block to block.
+    """
+    batch, heads, n, width = x.shape
+    block = min(block, n)
+    blocks = math.ceil(n / block)
+    x = F.pad(x, (0, 0, 0, blocks * block - n)).view(batch, heads, blocks, block, width)
+    within = F.pad(log_decay, (0, blocks * block - n)).view(batch, heads, blocks, block).cumsum(-1)
+    lower = torch.ones(block, block, dtype=torch.bool, device=x.device).tril()
+    decays = torch.exp((within[..., :, None] - within[..., None, :]).clamp(max=0)).to(x.dtype) * lower
+    inner = decays @ x
+    carried = torch.exp(within).to(x.dtype)[..., None]  # decay from the end of the previous block to each row
+    outputs, carry = [], torch.zeros(batch, heads, 1, width, dtype=x.dtype, device=x.device)
+    for index in range(blocks):
+        out = inner[:, :, index] + carried[:, :, index] * carry
+        outputs.append(out)
+        carry = out[:, :, -1:]
+    return torch.cat(outputs, dim=2)[:, :, :n]
+
+
 def hybrid_attention_chunked(
     q: torch.Tensor | None,
     k: torch.Tensor | None,
@@ -73,6 +98,7 @@ def hybrid_attention_chunked(
     chunk_size: int = 64,
     output_dtype: torch.dtype | None = None,
     return_linear_share: bool = False,
+    log_decay: torch.Tensor | None = None,
 ):
     """Same result as ``hybrid_attention_reference`` without materialising L×L.
 
@@ -82,13 +108,21 @@ def hybrid_attention_chunked(
     at quadratic cost.
     """
     check_inputs(q, k, v, fq, fk, window, use_linear)
+    check_log_decay(log_decay, fq if use_linear else None)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     output_dtype = output_dtype or v.dtype
     starts = row_starts(start, v.shape[0], v.device)
     shifted = bool(starts.any())
-    inputs = [shift_rows(x, starts) for x in (q, k, v, fq, fk)] if shifted else [q, k, v, fq, fk]
-    out, share = _aligned(*inputs, window, scaling, gamma, use_linear, chunk_size, return_linear_share)
+    decay = None if log_decay is None else log_decay[..., None]
+    inputs = [shift_rows(x, starts) for x in (q, k, v, fq, fk, decay)] if shifted else [q, k, v, fq, fk, decay]
+    decay = inputs.pop()
+    if decay is not None and shifted:
+        # the freed end positions repeat the last token; they precede no real query, but keep their decay out
+        decay = decay * (torch.arange(decay.shape[2], device=decay.device) < (decay.shape[2] - starts)[:, None])[
+            :, None, :, None]
+    out, share = _aligned(*inputs, window, scaling, gamma, use_linear, chunk_size, return_linear_share,
+                          None if decay is None else decay[..., 0])
     if shifted:
         out = unshift_rows(out, starts)
         share = None if share is None else unshift_rows(share[..., None], starts)[..., 0]
@@ -96,7 +130,8 @@ def hybrid_attention_chunked(
     return (out, share) if return_linear_share else out
 
 
-def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, chunk: int, want_share: bool):
+def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, chunk: int, want_share: bool,
+             log_decay: torch.Tensor | None = None):
     """Hybrid attention for rows whose first real token is at position 0.
 
     Grouped-query heads are never repeated: the G = H/Hkv query heads that share a kv head are stacked
@@ -168,9 +203,18 @@ def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, 
         if sinks:
             is_sink = torch.arange(padded_length, device=device) < sinks
             feature_k = feature_k.masked_fill(is_sink[:, None], 0.0)
+        cumulative = None
+        if log_decay is not None:
+            # A_t = Σ_{u ≤ t} a_u in float64; every decay below is exp of a difference A_i − A_j ≤ 0.
+            cumulative = F.pad(log_decay.double(), (0, padded_length - length)).cumsum(-1)  # (B, H, n·C)
         if bool(local_linear.any()):
             local_feature_k = _local_slices(feature_k, lookback, chunk)
-            linear_weights = (feature_q @ local_feature_k.transpose(-1, -2)).masked_fill(~local_linear, 0.0)
+            products = feature_q @ local_feature_k.transpose(-1, -2)
+            if cumulative is not None:
+                query_cumulative = cumulative.view(batch, num_heads, num_chunks, chunk, 1)
+                key_cumulative = _local_slices(cumulative[..., None], lookback, chunk).transpose(-1, -2)
+                products = products * torch.exp((query_cumulative - key_cumulative).clamp(max=0)).to(acc)
+            linear_weights = products.masked_fill(~local_linear, 0.0)
             linear_weights = grouped_rows(linear_weights.flatten(2, 3))
             num = num + linear_weights @ local_values
             linear_den = linear_weights.sum(-1)
@@ -181,14 +225,31 @@ def _aligned(q, k, v, fq, fk, window: Window, scaling, gamma, use_linear: bool, 
         # Chunk c may use the keys of chunks < c − P/C: those are older than its local slice.
         lag = lookback // chunk + 1
         if lag < num_chunks:
-            per_chunk = torch.einsum("bkgncf,bkncd->bkgnfd", chunk_k, chunk_v)
-            state = _prefix_sum(per_chunk.reshape(batch, num_heads, num_chunks, -1)).view(
+            seen = num_chunks - lag
+            later_q = feature_q[:, :, lag:]
+            if cumulative is None:
+                prefix_sum = _prefix_sum
+            else:
+                # Each chunk's keys decayed to the chunk's end; the running state decays from chunk end to chunk end;
+                # a query reads the state of chunk c − lag decayed from that chunk's end to itself.
+                per_chunk = cumulative.view(batch, num_heads, num_chunks, chunk)
+                ends = per_chunk[..., -1]  # (B, H, n)
+                to_end = torch.exp(ends[..., None] - per_chunk).to(acc)  # (B, H, n, C)
+                chunk_k = chunk_k * to_end.view(batch, num_kv_heads, groups, num_chunks, chunk, 1)
+                steps = torch.diff(ends, dim=-1, prepend=torch.zeros_like(ends[..., :1]))
+
+                def prefix_sum(x: torch.Tensor) -> torch.Tensor:
+                    return _decayed_prefix_sum(x, steps)
+
+                since = (per_chunk[:, :, lag:] - ends[:, :, :seen, None]).clamp(max=0)
+                later_q = later_q * torch.exp(since).to(acc)[..., None]
+            per_chunk_state = torch.einsum("bkgncf,bkncd->bkgnfd", chunk_k, chunk_v)
+            state = prefix_sum(per_chunk_state.reshape(batch, num_heads, num_chunks, -1)).view(
                 batch, num_heads, num_chunks, feature_dim, value_dim
             )  # (B, H, n, F, Dv)
-            norm = _prefix_sum(chunk_k.sum(4).reshape(batch, num_heads, num_chunks, feature_dim))  # (B, H, n, F)
-            seen = num_chunks - lag
-            inter_num = feature_q[:, :, lag:] @ state[:, :, :seen]
-            inter_den = (feature_q[:, :, lag:] @ norm[:, :, :seen, :, None])
+            norm = prefix_sum(chunk_k.sum(4).reshape(batch, num_heads, num_chunks, feature_dim))  # (B, H, n, F)
+            inter_num = later_q @ state[:, :, :seen]
+            inter_den = (later_q @ norm[:, :, :seen, :, None])
             num = num + grouped_rows(F.pad(inter_num, (0, 0, 0, 0, lag, 0)).flatten(2, 3))
             linear_den = linear_den + grouped_rows(F.pad(inter_den, (0, 0, 0, 0, lag, 0)).flatten(2, 3))[..., 0]
         den = den + linear_den

@@ -14,7 +14,10 @@ Hybrid attention of a query at relative position i (counted from its row's first
   den_i = γ Σ_{j ∈ W(i)} exp(s_ij − m_i)      +  Σ_{j ∈ Lin(i)} φ(q_i)·φ(k_j)
   out_i = num_i / den_i
 
-with s_ij = scaling · q_i·k_j, W(i) the causal softmax window and Lin(i) every older real key. With
+with s_ij = scaling · q_i·k_j, W(i) the causal softmax window and Lin(i) every older real key. With a decay
+gate (``log_decay`` a_t ≤ 0 per head and position, Lizard / GLA style), each linear term is weighted by the
+decay between key and query, exp(Σ_{t=j+1..i} a_t): the linear state forgets, S_t = g_t S_{t−1} + φ(k_t) v_tᵀ
+with g_t = exp(a_t); the softmax terms are not decayed. a_t of padding positions is ignored (taken as 0). With
 ``sinks`` N > 0, W(i) also holds the row's first N real tokens (attention sinks, StreamingLLM / Lizard): they
 are exact softmax terms for every query and never enter the linear term.
 
@@ -169,6 +172,24 @@ def softmax_terms(scores: torch.Tensor, in_window: torch.Tensor) -> torch.Tensor
 def normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, with 0 where nothing was attended to (padding queries; relu features that all vanish)."""
     return num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
+
+
+def check_log_decay(log_decay: torch.Tensor | None, fq: torch.Tensor | None) -> None:
+    """``log_decay`` must be (B, H, L) like φ(q) without its feature dim, and only goes with a linear term."""
+    if log_decay is None:
+        return
+    if fq is None:
+        raise ValueError("a decay gate (log_decay) acts on the linear term, and there is none")
+    if log_decay.shape != fq.shape[:3]:
+        raise ValueError(f"log_decay must be (B, H, L) = {tuple(fq.shape[:3])}, got {tuple(log_decay.shape)}")
+
+
+def cumulative_log_decay(log_decay: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """A_t = Σ_{u ≤ t} a_u over each row's real positions, in float64 (B, H, L): A_i − A_j is then the log-decay
+    between key j and query i without the cancellation an fp32 running sum would suffer over long rows."""
+    positions = torch.arange(log_decay.shape[2], device=log_decay.device)
+    real = (positions[None, :] >= start[:, None])[:, None, :]
+    return torch.where(real, log_decay.double(), 0.0).cumsum(-1)
 
 
 def check_inputs(q, k, v, fq, fk, window: Window, use_linear: bool) -> None:

@@ -7,7 +7,10 @@ The state holds, per row:
   for the terrace only, (S_next, z_next): the same sums over the keys of the previous block that the
   current block has already passed by ``size`` positions; they join (S, z) when the next block starts;
   with attention sinks (``Window.sinks`` = N), the keys/values of each row's first N real tokens, which stay
-  softmax terms for every query: a step reads them wherever the ring no longer holds them, and never folds them.
+  softmax terms for every query: a step reads them wherever the ring no longer holds them, and never folds them;
+  with a decay gate, per head and ring slot the log-decay accumulated since that slot's key arrived: each step
+  multiplies (S, z) and (S_next, z_next) by g_t = exp(a_t) and folds the leaving key with the decay it has
+  accumulated, so every linear term carries exp(A_i − A_j) as in the chunked path.
 
 Windows only move forward, and a key leaves them ``size`` positions after it could first be folded:
 the step for relative position p folds the one key at p − size, exactly once, into
@@ -32,7 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops_common import Window, check_inputs, gamma_per_head, normalise, row_starts, softmax_terms
+from .ops_common import (
+    Window,
+    check_inputs,
+    check_log_decay,
+    cumulative_log_decay,
+    gamma_per_head,
+    normalise,
+    row_starts,
+    softmax_terms,
+)
 
 
 @dataclass
@@ -49,6 +61,7 @@ class RecurrentState:
     sink_keys: torch.Tensor | None = None  # sinks: (B, Hkv, N, D), each row's first N real keys
     sink_values: torch.Tensor | None = None  # sinks: (B, Hkv, N, Dv)
     sink_positions: torch.Tensor | None = None  # sinks: (B, N) long, 0 .. N − 1 once written, −1 before
+    slot_log_decay: torch.Tensor | None = None  # decay gate: (B, H, R) fp32, Σ a_t since each slot's key arrived
     columns: int = 0  # host copy of ``column``, for get_seq_length()
 
     @classmethod
@@ -64,6 +77,7 @@ class RecurrentState:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        gated: bool = False,
     ) -> "RecurrentState":
         ring = window.lookback + 1
         terrace = window.kind == "terrace"
@@ -81,6 +95,7 @@ class RecurrentState:
             sink_keys=torch.zeros(batch, num_kv_heads, sinks, head_dim, dtype=dtype, device=device) if sinks else None,
             sink_values=torch.zeros(batch, num_kv_heads, sinks, value_dim, dtype=dtype, device=device) if sinks else None,
             sink_positions=torch.full((batch, sinks), -1, dtype=torch.long, device=device) if sinks else None,
+            slot_log_decay=torch.zeros(batch, num_heads, ring, device=device) if gated else None,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -127,17 +142,25 @@ def recurrent_state_from_prefix(
     num_heads: int,
     feature_dim: int | None = None,
     start: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None,
 ) -> RecurrentState:
     """The state after a whole prompt, without stepping through it: what ``hybrid_attention_step``
     holds after the prompt's L columns. k (B, Hkv, L, D), v (B, Hkv, L, Dv), fk (B, H, L, F) (None
-    without a linear term); ``start`` (B,) is each row's first real token (left padding)."""
+    without a linear term); ``start`` (B,) is each row's first real token (left padding); ``log_decay`` (B, H, L)
+    the decay gate's a_t, if any."""
     batch, num_kv_heads, length, value_dim = v.shape
     feature_dim = fk.shape[-1] if fk is not None else (feature_dim or 1)
     cache = RecurrentState.empty(
         batch, num_heads, num_kv_heads, k.shape[-1] if k is not None else 1, value_dim, feature_dim, window,
-        dtype=k.dtype if k is not None else torch.float32, device=v.device,
+        dtype=k.dtype if k is not None else torch.float32, device=v.device, gated=log_decay is not None,
     )
     starts = row_starts(start, batch, v.device)
+    # Decay from each column to the prompt's end (1 without a gate), per head: exp(A_last − A_j).
+    to_end = None
+    if log_decay is not None:
+        cumulative = cumulative_log_decay(log_decay, starts)
+        log_to_end = cumulative[..., -1:] - cumulative  # (B, H, L) float64, A_last − A_j ≤ 0
+        to_end = torch.exp(log_to_end).float()
     lengths = (length - starts).clamp(min=0)
     relative = torch.arange(length, device=v.device)[None, :] - starts[:, None]  # (B, L)
     real = relative >= 0
@@ -145,7 +168,10 @@ def recurrent_state_from_prefix(
     in_window = real & window.contains(last, relative)
     if fk is not None:
         def sums(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            weighted = _by_kv_group(fk.float() * mask.to(torch.float32)[:, None, :, None], num_kv_heads)
+            weights = mask.to(torch.float32)[:, None, :, None]
+            if to_end is not None:
+                weights = weights * to_end[..., None]
+            weighted = _by_kv_group(fk.float() * weights, num_kv_heads)
             state = torch.einsum("bkglf,bkld->bkgfd", weighted, v.float()).flatten(1, 2)
             return state, weighted.sum(3).flatten(1, 2)
 
@@ -175,6 +201,9 @@ def recurrent_state_from_prefix(
         cache.keys[:, :, slots] = k[:, :, recent]
         cache.values[:, :, slots] = v[:, :, recent].to(cache.values.dtype)
         cache.slot_positions[:, slots] = torch.where(real[:, recent], relative[:, recent], -1)
+        if log_decay is not None:
+            held = real[:, None, recent]  # slots of padding (or empty) hold no decay, as in a stepped state
+            cache.slot_log_decay[:, :, slots] = torch.where(held, log_to_end[:, :, recent], 0.0).float()
     cache.lengths = lengths
     cache.column.fill_(length)
     cache.columns = length
@@ -196,13 +225,15 @@ def hybrid_attention_step(
     gamma: torch.Tensor | None = None,
     use_linear: bool = True,
     key_features: KeyFeatures | None = None,
+    log_decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend one new column and update ``cache`` in place.
 
     q (B, H, D), k (B, Hkv, D), v (B, Hkv, Dv), fq (B, H, F); ``real`` (B,) bool marks rows whose
     token is real (None: all are); a padding token is no key and its output is zero. With a window,
     ``key_features`` computes φ of the one key per row that leaves it (B, Hkv, 1, D) -> (B, H, 1, F);
-    without one, ``fk`` (B, H, F) is folded at once. Static shapes, no host synchronisation.
+    without one, ``fk`` (B, H, F) is folded at once. ``log_decay`` (B, H): the decay gate's a_t for this column
+    (the cache must have been made with ``gated``). Static shapes, no host synchronisation.
     """
     num_kv_heads = v.shape[1]
     num_heads = cache.state.shape[1]
@@ -211,6 +242,19 @@ def hybrid_attention_step(
 
     def only_real(x: torch.Tensor) -> torch.Tensor:
         return x if real_weight is None else x * real_weight
+
+    if (log_decay is not None) != (cache.slot_log_decay is not None):
+        raise ValueError("a gated step needs a gated cache (RecurrentState.empty(..., gated=True)) and log_decay")
+    if log_decay is not None:
+        # The linear state forgets: S ← g_t S (a padding column decays nothing).
+        step_decay = only_real(log_decay.float()[..., None])[..., 0]  # (B, H)
+        decay = torch.exp(step_decay)
+        cache.state *= decay[..., None, None]
+        cache.norm *= decay[..., None]
+        if cache.pending_state is not None:
+            cache.pending_state *= decay[..., None, None]
+            cache.pending_norm *= decay[..., None]
+        cache.slot_log_decay += step_decay[..., None] * (cache.slot_positions >= 0)[:, None, :]
 
     if window.kind == "none":
         fq = fq.float()
@@ -234,6 +278,10 @@ def hybrid_attention_step(
             leaving_key = cache.keys.gather(2, _slot_index(leaving, cache.keys))  # (B, Hkv, 1, D)
             leaving_value = cache.values.gather(2, _slot_index(leaving, cache.values)).squeeze(2)  # (B, Hkv, Dv)
             leaving_fk = key_features(leaving_key).squeeze(2).float() * weight.to(torch.float32)[:, None, None]
+            if log_decay is not None:
+                # the decay the leaving key has accumulated since it arrived
+                accumulated = cache.slot_log_decay.gather(2, leaving.view(-1, 1, 1).expand(-1, num_heads, 1))
+                leaving_fk = leaving_fk * torch.exp(accumulated)
             if window.kind == "terrace":
                 # A real query that starts a block: the previous block's keys have all left its window.
                 boundary = position % window.size == 0
@@ -251,6 +299,9 @@ def hybrid_attention_step(
         cache.values.scatter_(2, _slot_index(slot, cache.values), v.to(cache.values.dtype).unsqueeze(2))
         held = position if real is None else torch.where(real, position, -1)
         cache.slot_positions.scatter_(1, slot[:, None], held[:, None])
+        if log_decay is not None:
+            cache.slot_log_decay.scatter_(2, slot.view(-1, 1, 1).expand(-1, num_heads, 1),
+                                          torch.zeros_like(cache.slot_log_decay[..., :1]))
 
         keys, values = cache.keys, cache.values
         held = cache.slot_positions
@@ -301,6 +352,7 @@ def hybrid_attention_recurrent(
     gamma: torch.Tensor | None = None,
     use_linear: bool = True,
     start: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Whole sequences through ``hybrid_attention_step``, token by token.
 
@@ -308,12 +360,13 @@ def hybrid_attention_recurrent(
     hands back the given features of the key it asks for: the one at column t − size.
     """
     check_inputs(q, k, v, fq, fk, window, use_linear)
+    check_log_decay(log_decay, fq if use_linear else None)
     batch, num_kv_heads, length, value_dim = v.shape
     num_heads = (q if q is not None else fq).shape[1]
     feature_dim = fq.shape[-1] if fq is not None else 1
     cache = RecurrentState.empty(
         batch, num_heads, num_kv_heads, k.shape[-1] if k is not None else 1, value_dim, feature_dim, window,
-        dtype=torch.float32, device=v.device,
+        dtype=torch.float32, device=v.device, gated=log_decay is not None,
     )
     starts = row_starts(start, batch, v.device)
     no_key = torch.zeros(batch, num_heads, 1, feature_dim, device=v.device)
@@ -331,7 +384,7 @@ def hybrid_attention_recurrent(
         outputs.append(hybrid_attention_step(
             cache, column(q, t), column(k, t), v[:, :, t], column(fq, t), column(fk, t), t >= starts,
             window=window, scaling=scaling, gamma=gamma, use_linear=use_linear,
-            key_features=leaving_features(t),
+            key_features=leaving_features(t), log_decay=None if log_decay is None else log_decay[:, :, t],
         ))
     return torch.stack(outputs, dim=2)
 

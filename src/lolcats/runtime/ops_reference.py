@@ -8,6 +8,8 @@ from .ops_common import (
     Window,
     accumulation_dtype,
     check_inputs,
+    check_log_decay,
+    cumulative_log_decay,
     expand_heads,
     gamma_per_head,
     normalise,
@@ -28,9 +30,12 @@ def hybrid_attention_reference(
     gamma: torch.Tensor | None = None,
     use_linear: bool = True,
     start: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax over ``window`` plus linear attention over older keys, one normaliser (see ops.common)."""
+    """Softmax over ``window`` plus linear attention over older keys, one normaliser (see ops.common);
+    ``log_decay`` (B, H, L) decays the linear terms by exp(A_i − A_j)."""
     check_inputs(q, k, v, fq, fk, window, use_linear)
+    check_log_decay(log_decay, fq if use_linear else None)
     batch, _, length, _ = v.shape
     num_heads = (q if q is not None else fq).shape[1]
     device = v.device
@@ -48,7 +53,11 @@ def hybrid_attention_reference(
         weights = weights + gamma_per_head(gamma, num_heads, device, _acc) * softmax_terms(scores, in_window)
     if use_linear:
         linear = causal & ~in_window
-        weights = weights + (fq.to(_acc) @ fk.to(_acc).transpose(-1, -2)).masked_fill(~linear, 0.0)
+        products = fq.to(_acc) @ fk.to(_acc).transpose(-1, -2)
+        if log_decay is not None:
+            cumulative = cumulative_log_decay(log_decay, row_starts(start, batch, device))
+            products = products * torch.exp((cumulative[..., :, None] - cumulative[..., None, :]).clamp(max=0)).to(_acc)
+        weights = weights + products.masked_fill(~linear, 0.0)
 
     out = normalise(weights @ expand_heads(v.to(_acc), num_heads), weights.sum(-1))
     return out.to(v.dtype)
