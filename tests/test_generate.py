@@ -295,3 +295,57 @@ def test_foreign_cache_with_tokens_is_refused():
     foreign.update(torch.zeros(1, 2, 3, 16, device=DEVICE), torch.zeros(1, 2, 3, 16, device=DEVICE), layer_idx=0)
     with pytest.raises(ValueError, match="cannot continue from a DynamicCache"):
         model(ids, cache=foreign)
+
+
+def gated(model, seed=0):
+    """A trained-looking decay gate: every head forgets, at a rate that depends on the token."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in linearized_layers(model):
+        gate = layer.decay_gate
+        gate.scale.data = torch.rand(gate.scale.shape, generator=generator) * 20 + 1
+        gate.proj.weight.data = torch.randn(gate.proj.weight.shape, generator=generator)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3"])
+def test_decay_gate_at_initialisation_is_exactly_the_model_without_it(family):
+    without = tiny_linearized(family)
+    with_gate = tiny_linearized(family, gate="scalar")
+    missing, unexpected = with_gate.load_state_dict(without.state_dict(), strict=False)
+    assert not unexpected and missing and all("decay_gate" in name for name in missing)
+    ids = random_ids((2, 40), 3)
+    assert torch.equal(full_logits(with_gate, ids), full_logits(without, ids))
+    logits, _ = incremental_logits(with_gate, ids, 9)
+    assert torch.equal(logits, incremental_logits(without, ids, 9)[0])
+
+
+@pytest.mark.parametrize("attention", ["lolcats", "sliding", "linear"])
+def test_decay_gate_decode_matches_full_forward_and_padded_rows_match_rows_alone(attention):
+    model = gated(tiny_linearized("llama", attention=attention, gate="scalar", sinks=0 if attention == "linear" else 2))
+    ids = random_ids((3, 33), 4, low=1)
+    pads = [5, 0, 2]
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    logits, cache = incremental_logits(model, ids, 7, attention_mask=mask)
+    full = full_logits(model, ids, mask)
+    for row, pad in enumerate(pads):
+        alone = full_logits(model, ids[row : row + 1, pad:])
+        assert relative_error(logits[row, pad:], alone[0]) <= TOL
+        assert relative_error(full[row, pad:], alone[0]) <= ROW_TOL
+    # the gate acts: without it (same weights otherwise) the logits differ
+    plain = tiny_linearized("llama", attention=attention, sinks=0 if attention == "linear" else 2)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    assert relative_error(full_logits(plain, ids[1:2]), full[1:2]) > 1e-3
+
+
+def test_decay_gate_trains_in_stage_one_and_stays_fp32_in_bf16():
+    from lolcats.training.transfer import transfer_parameters
+
+    model = tiny_linearized("llama", gate="scalar")
+    names = set(transfer_parameters(model))
+    assert {name.split("decay_gate.")[1] for name in names if "decay_gate" in name} == {"proj.weight", "proj.bias", "scale"}
+    half = model.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for name, p in half.named_parameters() if "decay_gate" in name)
+    assert full_logits(half, random_ids((1, 30), 1)).dtype == torch.bfloat16

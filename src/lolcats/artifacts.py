@@ -25,7 +25,7 @@ from .models import load_base_model, load_tokenizer, resolve_dtype
 MANIFEST = "lolcats.json"
 ADAPTER = "adapter.safetensors"
 FORMAT_VERSION = 1
-_ADAPTER_MARKERS = ("feature_map_q", "feature_map_k", "window_logit", "lora_A", "lora_B")
+_ADAPTER_MARKERS = ("feature_map_q", "feature_map_k", "decay_gate", "window_logit", "lora_A", "lora_B")
 # Config keys that say how a file was saved, not what the model is.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
                          "_attn_implementation_autoset", "quantization_config", "_commit_hash"}

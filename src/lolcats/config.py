@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 AttentionKind = Literal["lolcats", "sliding", "linear", "window"]
+GateKind = Literal["none", "scalar"]
 FeatureMapName = Literal["hedgehog", "t2r", "elu", "relu", "taylor"]
 
 
@@ -22,6 +23,10 @@ class LinearizeConfig(BaseModel):
       window   the terrace softmax window alone, no linear term (an ablation: nothing to train)
     sinks: the first N real tokens of each row stay exact softmax terms for every query (attention sinks,
       as in StreamingLLM and Lizard), on top of the window; they never enter the linear term (0: none)
+    gate:
+      none     the linear state never forgets (LoLCATs)
+      scalar   a data-dependent decay per head on the linear state, trained in stage 1 with φ and γ; it starts
+               forgetting nothing, so a new gate leaves the converted model exactly as without it (runtime/gate.py)
     local_layers (models with local sliding-window layers, e.g. Gemma 3):
       keep       leave them as the teacher's exact sliding-window softmax; they already run in
                  constant memory, so only the global layers are linearized (default)
@@ -34,6 +39,7 @@ class LinearizeConfig(BaseModel):
     feature_map: FeatureMapName = "hedgehog"
     window: int = Field(64, ge=1)
     sinks: int = Field(0, ge=0)
+    gate: GateKind = "none"
     feature_dim: int = Field(64, ge=1)
     softmax_layers: tuple[int, ...] = ()
     local_layers: Literal["keep", "linearize"] = "keep"

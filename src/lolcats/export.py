@@ -54,8 +54,8 @@ from .swap import swap_attention
 
 
 class LolcatsForCausalLM({base_class}):
-    # The learned feature maps and γ stay fp32 when the model is loaded in bf16/fp16.
-    _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "window_logit"]
+    # The learned feature maps, decay gates and γ stay fp32 when the model is loaded in bf16/fp16.
+    _keep_in_fp32_modules_strict = ["feature_map_q", "feature_map_k", "decay_gate", "window_logit"]
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)

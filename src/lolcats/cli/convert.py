@@ -92,6 +92,7 @@ def convert_command(
     feature_map: Optional[str] = typer.Option(None, help="hedgehog (default) | t2r | elu | relu | taylor"),
     window: Optional[int] = typer.Option(None, help="Softmax window in tokens (default 64)."),
     sinks: Optional[int] = typer.Option(None, help="Attention sinks: the first N tokens of each row stay softmax terms (default 0)."),
+    gate: Optional[str] = typer.Option(None, help="none (default) | scalar: a learned decay per head on the linear state."),
     feature_dim: Optional[int] = typer.Option(None, help="Feature-map width per head (default 64; hedgehog gives 2x)."),
     config: Optional[Path] = typer.Option(None, help="YAML file with LinearizeConfig keys; flags given here override it."),
     text: Optional[Path] = typer.Option(None, help="Text file for the quality check (default: a built-in sentence)."),
@@ -104,7 +105,7 @@ def convert_command(
     Training (attention transfer, LoRA) is `lolcats linearize`.
     """
     settings = load_yaml(config) if config else {}
-    flags = dict(attention=attention, feature_map=feature_map, window=window, sinks=sinks, feature_dim=feature_dim)
+    flags = dict(attention=attention, feature_map=feature_map, window=window, sinks=sinks, gate=gate, feature_dim=feature_dim)
     settings.update({key: value for key, value in flags.items() if value is not None})
     try:
         linearize_config = LinearizeConfig(**settings)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .feature_maps import fp32_preserving, make_feature_map
+from .gate import DecayGate
 from .cache import LinearizedCache, RecurrentLayer
 from .families import AttentionFamily
 from .ops import (
@@ -187,6 +188,12 @@ class LinearizedAttention(nn.Module):
 
             self.feature_map_q = feature_map()
             self.feature_map_k = feature_map()
+        gate = getattr(config, "gate", "none")  # exports written before gates existed have none
+        if gate not in ("none", "scalar"):
+            raise ValueError(f"unknown gate {gate!r}; expected 'none' or 'scalar'")
+        if gate != "none" and not self.use_linear:
+            raise ValueError("a decay gate acts on the linear term: attention='window' has none")
+        self.decay_gate = DecayGate(self.q_proj.in_features, self.num_heads) if gate == "scalar" else None
         gamma_logit = math.log(config.gamma_init / (1 - config.gamma_init))
         # fp32 whatever the default dtype (transformers builds bf16 models under a bf16 default).
         self.window_logit = nn.Parameter(torch.full((self.num_heads,), gamma_logit, dtype=torch.float32))
@@ -231,14 +238,18 @@ class LinearizedAttention(nn.Module):
             return length <= 2 * self.window.size  # blocks 0 and 1 see everything before them
         return self.window.kind == "sliding" and length <= self.window.size
 
-    def student(self, q, k, v, start, features=None, output_dtype=None) -> torch.Tensor:
+    def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The decay gate's a_t (B, H, L) fp32 for these inputs; None without a gate."""
+        return None if self.decay_gate is None else self.decay_gate(hidden_states)
+
+    def student(self, q, k, v, start, features=None, output_dtype=None, log_decay=None) -> torch.Tensor:
         if self._window_covers(q.shape[2]) and not self.record_linear_share:
             # No key is old enough for the linear term: the hybrid is exact causal softmax (γ cancels in
             # the normaliser), so short sequences (task scoring, short prompts) take the SDPA path.
             return softmax_attention(q, k, v, scaling=self.scaling, start=start)
         fq, fk = features if features is not None else self.features(q, k)
         attend = dict(window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
-                      start=start, chunk_size=self.chunk_size, output_dtype=output_dtype)
+                      start=start, chunk_size=self.chunk_size, output_dtype=output_dtype, log_decay=log_decay)
         if not self.record_linear_share:
             return hybrid_attention_chunked(q, k, v, fq, fk, **attend)
         out, share = hybrid_attention_chunked(q, k, v, fq, fk, **attend, return_linear_share=True)
@@ -250,14 +261,15 @@ class LinearizedAttention(nn.Module):
         layer_cache = self._layer_cache(kwargs.get("cache", kwargs.get("past_key_values")))
         q, k, v = self.family.project(self, hidden_states, position_embeddings)
         if layer_cache is not None and layer_cache.state is not None:
-            out = self._decode(q, k, v, layer_cache)
+            out = self._decode(q, k, v, layer_cache, self.log_decay(hidden_states))
         elif self.mode == "linear":
             start = self._context.row_starts(batch, length, hidden_states.device)
             needed = layer_cache is not None or self.record_linear_share or not self._window_covers(length)
             features = self.features(q, k) if needed else (None, None)
-            out = self.student(q, k, v, start, features)
+            log_decay = self.log_decay(hidden_states) if needed else None
+            out = self.student(q, k, v, start, features, log_decay=log_decay)
             if layer_cache is not None:
-                self._prefill(layer_cache, k, v, features[1], start)
+                self._prefill(layer_cache, k, v, features[1], start, log_decay)
         elif layer_cache is not None:
             raise ValueError(f"a cache is only filled in linear mode, not {self.mode!r}: call with use_cache=False")
         elif self.mode == "softmax":
@@ -267,10 +279,11 @@ class LinearizedAttention(nn.Module):
             with torch.no_grad():
                 out = self.teacher(q, k, v, start)
             # fp32 student output: the loss compares it before any rounding to the model's dtype.
-            predicted = self.student(q, k, v, start, output_dtype=torch.float32)
+            log_decay = self.log_decay(hidden_states)
+            predicted = self.student(q, k, v, start, output_dtype=torch.float32, log_decay=log_decay)
             self.distill_loss = _masked_mse(predicted, out, start)
             if self.attention_ce_weight > 0:
-                self.attention_ce = self._attention_cross_entropy(q, k, start)
+                self.attention_ce = self._attention_cross_entropy(q, k, start, log_decay)
         else:
             raise ValueError(f"unknown attention mode {self.mode!r}; expected one of {MODES}")
         out = out.transpose(1, 2).reshape(batch, length, -1)
@@ -290,16 +303,17 @@ class LinearizedAttention(nn.Module):
     def _key_features(self, keys: torch.Tensor) -> torch.Tensor:
         return self.feature_map_k(expand_heads(keys, self.num_heads))
 
-    def _prefill(self, layer_cache: RecurrentLayer, k, v, fk, start) -> None:
+    def _prefill(self, layer_cache: RecurrentLayer, k, v, fk, start, log_decay=None) -> None:
         if self._context.right_padded():
             raise ValueError("prompts for generation must be padded on the left (tokenizer.padding_side = 'left')")
         layer_cache.state = recurrent_state_from_prefix(
             k.detach(), v.detach(), None if fk is None else fk.detach(),
             window=self.window, num_heads=self.num_heads, start=start,
+            log_decay=None if log_decay is None else log_decay.detach(),
         )
 
     @torch.no_grad()
-    def _decode(self, q, k, v, layer_cache: RecurrentLayer) -> torch.Tensor:
+    def _decode(self, q, k, v, layer_cache: RecurrentLayer, log_decay=None) -> torch.Tensor:
         """New tokens after a filled cache, one step each (constant work per token)."""
         if self.mode != "linear":
             raise ValueError(f"decoding with a cache needs linear mode, not {self.mode!r}")
@@ -322,25 +336,26 @@ class LinearizedAttention(nn.Module):
                 None if fq is None else fq[:, :, t], None if fk is None else fk[:, :, t], real_t,
                 window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
                 key_features=self._key_features if self.use_linear else None,
+                log_decay=None if log_decay is None else log_decay[:, :, t],
             ))
         return torch.stack(outputs, dim=2)
 
-    def _student_weights(self, q, k, start):
+    def _student_weights(self, q, k, start, log_decay=None):
         fq = fk = None
         if self.use_linear:
             fq, fk = self.features(q, k)
         return hybrid_attention_weights(
             q, k, fq, fk, window=self.window, scaling=self.scaling, gamma=self.gamma,
-            use_linear=self.use_linear, start=start,
+            use_linear=self.use_linear, start=start, log_decay=log_decay,
         )
 
-    def _attention_cross_entropy(self, q, k, start) -> torch.Tensor:
+    def _attention_cross_entropy(self, q, k, start, log_decay=None) -> torch.Tensor:
         """Cross-entropy of the student's attention weights against the teacher's, over real queries."""
         with torch.no_grad():
             teacher_window = Window("sliding", self.teacher_window or q.shape[2])
             teacher, _ = hybrid_attention_weights(q, k, None, None, window=teacher_window, scaling=self.scaling,
                                                   use_linear=False, start=start)
-        softmax_part, linear_part = self._student_weights(q, k, start)
+        softmax_part, linear_part = self._student_weights(q, k, start, log_decay)
         per_query = -(teacher * torch.log((softmax_part + linear_part).clamp(min=1e-12))).sum(-1)  # (B, H, L)
         real = _real_queries(start, q.shape[2], per_query.dtype)
         return (per_query.mean(1) * real).sum() / real.sum().clamp(min=1)

@@ -74,6 +74,7 @@ def hybrid_attention_weights(
     gamma: torch.Tensor | None = None,
     use_linear: bool = True,
     start: torch.Tensor | None = None,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalised attention weights of hybrid attention, split into (softmax part, linear part).
 
@@ -94,7 +95,11 @@ def hybrid_attention_weights(
         scores = q.to(_acc) @ expand_heads(k.to(_acc), num_heads).transpose(-1, -2) * scaling
         softmax_part = gamma_per_head(gamma, num_heads, device, _acc) * softmax_terms(scores, in_window)
     if use_linear:
-        linear_part = (fq.to(_acc) @ fk.to(_acc).transpose(-1, -2)).masked_fill(~(causal & ~in_window), 0.0)
+        products = fq.to(_acc) @ fk.to(_acc).transpose(-1, -2)
+        if log_decay is not None:
+            cumulative = cumulative_log_decay(log_decay, row_starts(start, batch, device))
+            products = products * torch.exp((cumulative[..., :, None] - cumulative[..., None, :]).clamp(max=0)).to(_acc)
+        linear_part = products.masked_fill(~(causal & ~in_window), 0.0)
     total = (softmax_part + linear_part).sum(-1, keepdim=True)
     total = torch.where(total > 0, total, torch.ones_like(total))
     return softmax_part / total, linear_part / total

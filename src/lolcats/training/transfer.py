@@ -48,18 +48,24 @@ class _LayerGradients(torch.autograd.Function):
         return (None, None, *(grad_output * gradient for gradient in ctx.gradients))
 
 
+TRANSFER_PREFIXES = ("feature_map_q.", "feature_map_k.", "decay_gate.")  # and the γ logit, window_logit
+
+
+def _is_transfer_parameter(name: str) -> bool:
+    return name.startswith(TRANSFER_PREFIXES) or name == "window_logit"
+
+
 def _layer_parameters(layer: LinearizedAttention) -> list[nn.Parameter]:
-    return [p for name, p in layer.named_parameters()
-            if name.startswith(("feature_map_q.", "feature_map_k.")) or name == "window_logit"]
+    return [p for name, p in layer.named_parameters() if _is_transfer_parameter(name)]
 
 
 def transfer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Feature maps and γ logits of converted layers that have a linear term (nothing else trains)."""
+    """Feature maps, decay gates and γ logits of converted layers that have a linear term (nothing else trains)."""
     params = {}
     for name, module in model.named_modules():
         if isinstance(module, LinearizedAttention) and module.use_linear:
             for pname, p in module.named_parameters():
-                if pname.startswith(("feature_map_q.", "feature_map_k.")) or pname == "window_logit":
+                if _is_transfer_parameter(pname):
                     params[f"{name}.{pname}"] = p
     return params
 
