@@ -278,25 +278,26 @@ def test_export_from_a_gguf_base_writes_plain_float_weights(tiny, tmp_path):
     torch.testing.assert_close(got["logits"], expected, rtol=1e-5, atol=1e-4)
 
 
-def test_sinks_and_decay_gate_are_trained_saved_loaded_and_exported(tiny, tmp_path):
-    """A run with attention sinks and a decay gate: stage 1 trains the gate, both options are in the manifest and the
+def test_sinks_decay_gate_and_linear_term_without_rope_are_trained_saved_loaded_and_exported(tiny, tmp_path):
+    """A run with attention sinks, a decay gate and φ before RoPE: stage 1 trains the gate, the options are in the
+    manifest and the
     exported config, and lolcats.load and the standalone export (its own copy of the runtime) give the same logits
     past the window, where both act."""
     out = tmp_path / "run"
     run = lolcats.RunConfig(model=str(tiny.model), data=(str(tiny.train),), out=str(out), seq_len=256,
                             batch_tokens=1024, stage1_tokens=1024, stage2_tokens=1024, eval_tokens=1024, eval_every=2,
                             held_out=10, dtype="float32",
-                            conversion=lolcats.LinearizeConfig(window=16, sinks=4, gate="scalar"))
+                            conversion=lolcats.LinearizeConfig(window=16, sinks=4, gate="scalar", linear_rope=False))
     lolcats.linearize(run, echo=lambda _: None, progress=False)
     conversion = json.loads((out / "lolcats.json").read_text())["conversion"]
-    assert conversion["sinks"] == 4 and conversion["gate"] == "scalar"
+    assert conversion["sinks"] == 4 and conversion["gate"] == "scalar" and conversion["linear_rope"] is False
     loaded = lolcats.load(out)
     layers = lolcats.linearized_layers(loaded)
-    assert all(layer.window.sinks == 4 for layer in layers)
+    assert all(layer.window.sinks == 4 and not layer.linear_rope for layer in layers)
     assert all(bool((layer.decay_gate.scale > 0).any()) for layer in layers)  # stage 1 opened the gates
     folder = export(out, tmp_path / "hf", echo=lambda _: None)
     exported = json.loads((folder / "config.json").read_text())["lolcats"]["conversion"]
-    assert exported["sinks"] == 4 and exported["gate"] == "scalar"
+    assert exported["sinks"] == 4 and exported["gate"] == "scalar" and exported["linear_rope"] is False
     ids = torch.randint(3, 512, (2, 120), generator=torch.Generator().manual_seed(5))
     got = run_standalone(folder, ids, tmp_path)
     with torch.no_grad():

@@ -349,3 +349,26 @@ def test_decay_gate_trains_in_stage_one_and_stays_fp32_in_bf16():
     half = model.to(torch.bfloat16)
     assert all(p.dtype == torch.float32 for name, p in half.named_parameters() if "decay_gate" in name)
     assert full_logits(half, random_ids((1, 30), 1)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("attention", ["lolcats", "sliding", "linear"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_linear_term_without_rope_decodes_like_full_forward(attention, family):
+    """linear_rope=False: φ reads q and k before RoPE (the decode ring keeps those keys too); decode == full forward,
+    padded rows == rows alone, and the features really differ from the rotated ones."""
+    model = tiny_linearized(family, attention=attention, linear_rope=False)
+    ids = random_ids((3, 31), 6, low=1)
+    pads = [5, 0, 2]
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    logits, _ = incremental_logits(model, ids, 7, attention_mask=mask)
+    full = full_logits(model, ids, mask)
+    for row, pad in enumerate(pads):
+        alone = full_logits(model, ids[row : row + 1, pad:])
+        assert relative_error(logits[row, pad:], alone[0]) <= TOL
+        assert relative_error(full[row, pad:], alone[0]) <= ROW_TOL
+    rotated = tiny_linearized(family, attention=attention)
+    rotated.load_state_dict(model.state_dict())
+    assert relative_error(full_logits(rotated, ids[1:2]), full[1:2]) > 1e-4

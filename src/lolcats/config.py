@@ -27,6 +27,8 @@ class LinearizeConfig(BaseModel):
       none     the linear state never forgets (LoLCATs)
       scalar   a data-dependent decay per head on the linear state, trained in stage 1 with φ and γ; it starts
                forgetting nothing, so a new gate leaves the converted model exactly as without it (runtime/gate.py)
+    linear_rope: φ reads q and k after RoPE (true, LoLCATs) or before it (false, as Lizard: the linear term then
+      carries no position, the softmax window keeps RoPE)
     local_layers (models with local sliding-window layers, e.g. Gemma 3):
       keep       leave them as the teacher's exact sliding-window softmax; they already run in
                  constant memory, so only the global layers are linearized (default)
@@ -40,6 +42,7 @@ class LinearizeConfig(BaseModel):
     window: int = Field(64, ge=1)
     sinks: int = Field(0, ge=0)
     gate: GateKind = "none"
+    linear_rope: bool = True
     feature_dim: int = Field(64, ge=1)
     softmax_layers: tuple[int, ...] = ()
     local_layers: Literal["keep", "linearize"] = "keep"

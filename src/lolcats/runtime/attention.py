@@ -194,6 +194,7 @@ class LinearizedAttention(nn.Module):
         if gate != "none" and not self.use_linear:
             raise ValueError("a decay gate acts on the linear term: attention='window' has none")
         self.decay_gate = DecayGate(self.q_proj.in_features, self.num_heads) if gate == "scalar" else None
+        self.linear_rope = bool(getattr(config, "linear_rope", True))
         gamma_logit = math.log(config.gamma_init / (1 - config.gamma_init))
         # fp32 whatever the default dtype (transformers builds bf16 models under a bf16 default).
         self.window_logit = nn.Parameter(torch.full((self.num_heads,), gamma_logit, dtype=torch.float32))
@@ -242,12 +243,14 @@ class LinearizedAttention(nn.Module):
         """The decay gate's a_t (B, H, L) fp32 for these inputs; None without a gate."""
         return None if self.decay_gate is None else self.decay_gate(hidden_states)
 
-    def student(self, q, k, v, start, features=None, output_dtype=None, log_decay=None) -> torch.Tensor:
+    def student(self, q, k, v, start, features=None, output_dtype=None, log_decay=None,
+                feature_inputs=None) -> torch.Tensor:
+        """``feature_inputs``: what φ reads, (q, k) before RoPE when ``linear_rope`` is off (default: q, k)."""
         if self._window_covers(q.shape[2]) and not self.record_linear_share:
             # No key is old enough for the linear term: the hybrid is exact causal softmax (γ cancels in
             # the normaliser), so short sequences (task scoring, short prompts) take the SDPA path.
             return softmax_attention(q, k, v, scaling=self.scaling, start=start)
-        fq, fk = features if features is not None else self.features(q, k)
+        fq, fk = features if features is not None else self.features(*(feature_inputs or (q, k)))
         attend = dict(window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
                       start=start, chunk_size=self.chunk_size, output_dtype=output_dtype, log_decay=log_decay)
         if not self.record_linear_share:
@@ -259,17 +262,20 @@ class LinearizedAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         batch, length, _ = hidden_states.shape
         layer_cache = self._layer_cache(kwargs.get("cache", kwargs.get("past_key_values")))
-        q, k, v = self.family.project(self, hidden_states, position_embeddings)
+        projected = self.family.project(self, hidden_states, position_embeddings, unrotated=not self.linear_rope)
+        q, k, v = projected[:3]
+        feature_inputs = projected[3:] or (q, k)  # what φ reads: q, k before RoPE without linear_rope
         if layer_cache is not None and layer_cache.state is not None:
-            out = self._decode(q, k, v, layer_cache, self.log_decay(hidden_states))
+            out = self._decode(q, k, v, layer_cache, self.log_decay(hidden_states), feature_inputs)
         elif self.mode == "linear":
             start = self._context.row_starts(batch, length, hidden_states.device)
             needed = layer_cache is not None or self.record_linear_share or not self._window_covers(length)
-            features = self.features(q, k) if needed else (None, None)
+            features = self.features(*feature_inputs) if needed else (None, None)
             log_decay = self.log_decay(hidden_states) if needed else None
             out = self.student(q, k, v, start, features, log_decay=log_decay)
             if layer_cache is not None:
-                self._prefill(layer_cache, k, v, features[1], start, log_decay)
+                ring_feature_keys = None if self.linear_rope or self.window.kind == "none" else feature_inputs[1]
+                self._prefill(layer_cache, k, v, features[1], start, log_decay, ring_feature_keys)
         elif layer_cache is not None:
             raise ValueError(f"a cache is only filled in linear mode, not {self.mode!r}: call with use_cache=False")
         elif self.mode == "softmax":
@@ -280,10 +286,11 @@ class LinearizedAttention(nn.Module):
                 out = self.teacher(q, k, v, start)
             # fp32 student output: the loss compares it before any rounding to the model's dtype.
             log_decay = self.log_decay(hidden_states)
-            predicted = self.student(q, k, v, start, output_dtype=torch.float32, log_decay=log_decay)
+            predicted = self.student(q, k, v, start, output_dtype=torch.float32, log_decay=log_decay,
+                                     feature_inputs=feature_inputs)
             self.distill_loss = _masked_mse(predicted, out, start)
             if self.attention_ce_weight > 0:
-                self.attention_ce = self._attention_cross_entropy(q, k, start, log_decay)
+                self.attention_ce = self._attention_cross_entropy(q, k, start, log_decay, feature_inputs)
         else:
             raise ValueError(f"unknown attention mode {self.mode!r}; expected one of {MODES}")
         out = out.transpose(1, 2).reshape(batch, length, -1)
@@ -303,25 +310,29 @@ class LinearizedAttention(nn.Module):
     def _key_features(self, keys: torch.Tensor) -> torch.Tensor:
         return self.feature_map_k(expand_heads(keys, self.num_heads))
 
-    def _prefill(self, layer_cache: RecurrentLayer, k, v, fk, start, log_decay=None) -> None:
+    def _prefill(self, layer_cache: RecurrentLayer, k, v, fk, start, log_decay=None, feature_keys=None) -> None:
         if self._context.right_padded():
             raise ValueError("prompts for generation must be padded on the left (tokenizer.padding_side = 'left')")
         layer_cache.state = recurrent_state_from_prefix(
             k.detach(), v.detach(), None if fk is None else fk.detach(),
             window=self.window, num_heads=self.num_heads, start=start,
             log_decay=None if log_decay is None else log_decay.detach(),
+            feature_keys=None if feature_keys is None else feature_keys.detach(),
         )
 
     @torch.no_grad()
-    def _decode(self, q, k, v, layer_cache: RecurrentLayer, log_decay=None) -> torch.Tensor:
+    def _decode(self, q, k, v, layer_cache: RecurrentLayer, log_decay=None, feature_inputs=None) -> torch.Tensor:
         """New tokens after a filled cache, one step each (constant work per token)."""
         if self.mode != "linear":
             raise ValueError(f"decoding with a cache needs linear mode, not {self.mode!r}")
         state = layer_cache.state
         real = self._context.new_token_mask(q.shape[2])
-        fq = self.feature_map_q(q) if self.use_linear else None
+        feature_q, feature_k = feature_inputs or (q, k)
+        fq = self.feature_map_q(feature_q) if self.use_linear else None
         # With a window, φ(k) is only needed as keys leave it; without one, every key is folded at once.
-        fk = self.feature_map_k(expand_heads(k, self.num_heads)) if self.window.kind == "none" else None
+        fk = self.feature_map_k(expand_heads(feature_k, self.num_heads)) if self.window.kind == "none" else None
+        # Keys before RoPE ride in a second ring when φ reads them (a window whose leaving keys need φ).
+        ring_feature_keys = None if self.linear_rope or self.window.kind == "none" else feature_k
         if real is not None:
             # Checked once per forward, not per token (the steps themselves never synchronise with the host):
             # a padding token must come before every real token of its row, earlier calls included.
@@ -337,25 +348,26 @@ class LinearizedAttention(nn.Module):
                 window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
                 key_features=self._key_features if self.use_linear else None,
                 log_decay=None if log_decay is None else log_decay[:, :, t],
+                feature_key=None if ring_feature_keys is None else ring_feature_keys[:, :, t],
             ))
         return torch.stack(outputs, dim=2)
 
-    def _student_weights(self, q, k, start, log_decay=None):
+    def _student_weights(self, q, k, start, log_decay=None, feature_inputs=None):
         fq = fk = None
         if self.use_linear:
-            fq, fk = self.features(q, k)
+            fq, fk = self.features(*(feature_inputs or (q, k)))
         return hybrid_attention_weights(
             q, k, fq, fk, window=self.window, scaling=self.scaling, gamma=self.gamma,
             use_linear=self.use_linear, start=start, log_decay=log_decay,
         )
 
-    def _attention_cross_entropy(self, q, k, start, log_decay=None) -> torch.Tensor:
+    def _attention_cross_entropy(self, q, k, start, log_decay=None, feature_inputs=None) -> torch.Tensor:
         """Cross-entropy of the student's attention weights against the teacher's, over real queries."""
         with torch.no_grad():
             teacher_window = Window("sliding", self.teacher_window or q.shape[2])
             teacher, _ = hybrid_attention_weights(q, k, None, None, window=teacher_window, scaling=self.scaling,
                                                   use_linear=False, start=start)
-        softmax_part, linear_part = self._student_weights(q, k, start, log_decay)
+        softmax_part, linear_part = self._student_weights(q, k, start, log_decay, feature_inputs)
         per_query = -(teacher * torch.log((softmax_part + linear_part).clamp(min=1e-12))).sum(-1)  # (B, H, L)
         real = _real_queries(start, q.shape[2], per_query.dtype)
         return (per_query.mean(1) * real).sum() / real.sum().clamp(min=1)

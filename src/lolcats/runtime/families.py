@@ -59,8 +59,9 @@ class AttentionFamily:
         if softcap:
             raise ValueError(f"{self.name}: attention logit soft-capping ({softcap}) is not supported")
 
-    def project(self, attention: nn.Module, hidden_states: torch.Tensor, position_embeddings):
-        """q (B, H, L, D), k and v (B, Hkv, L, D) after q/k norm and RoPE, as the teacher computes them."""
+    def project(self, attention: nn.Module, hidden_states: torch.Tensor, position_embeddings, unrotated: bool = False):
+        """q (B, H, L, D), k and v (B, Hkv, L, D) after q/k norm and RoPE, as the teacher computes them; with
+        ``unrotated``, also q and k before RoPE (for feature maps of a linear term without positions)."""
         shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
         q = attention.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = attention.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -68,8 +69,8 @@ class AttentionFamily:
         if self.qk_norm:
             q, k = attention.q_norm(q), attention.k_norm(k)
         cos, sin = position_embeddings
-        q, k = apply_rotary(q, k, cos, sin)
-        return q, k, v
+        rotated_q, rotated_k = apply_rotary(q, k, cos, sin)
+        return (rotated_q, rotated_k, v, q, k) if unrotated else (rotated_q, rotated_k, v)
 
 
 class Llama(AttentionFamily):

@@ -62,6 +62,8 @@ class RecurrentState:
     sink_values: torch.Tensor | None = None  # sinks: (B, Hkv, N, Dv)
     sink_positions: torch.Tensor | None = None  # sinks: (B, N) long, 0 .. N − 1 once written, −1 before
     slot_log_decay: torch.Tensor | None = None  # decay gate: (B, H, R) fp32, Σ a_t since each slot's key arrived
+    feature_keys: torch.Tensor | None = None  # (B, Hkv, R, D): what φ reads of each ring key, when that is not the
+    # key itself (keys before RoPE, for a linear term without positions)
     columns: int = 0  # host copy of ``column``, for get_seq_length()
 
     @classmethod
@@ -78,6 +80,7 @@ class RecurrentState:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         gated: bool = False,
+        feature_keys: bool = False,
     ) -> "RecurrentState":
         ring = window.lookback + 1
         terrace = window.kind == "terrace"
@@ -96,6 +99,8 @@ class RecurrentState:
             sink_values=torch.zeros(batch, num_kv_heads, sinks, value_dim, dtype=dtype, device=device) if sinks else None,
             sink_positions=torch.full((batch, sinks), -1, dtype=torch.long, device=device) if sinks else None,
             slot_log_decay=torch.zeros(batch, num_heads, ring, device=device) if gated else None,
+            feature_keys=torch.zeros(batch, num_kv_heads, ring, head_dim, dtype=dtype, device=device)
+            if feature_keys else None,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -143,16 +148,18 @@ def recurrent_state_from_prefix(
     feature_dim: int | None = None,
     start: torch.Tensor | None = None,
     log_decay: torch.Tensor | None = None,
+    feature_keys: torch.Tensor | None = None,
 ) -> RecurrentState:
     """The state after a whole prompt, without stepping through it: what ``hybrid_attention_step``
     holds after the prompt's L columns. k (B, Hkv, L, D), v (B, Hkv, L, Dv), fk (B, H, L, F) (None
     without a linear term); ``start`` (B,) is each row's first real token (left padding); ``log_decay`` (B, H, L)
-    the decay gate's a_t, if any."""
+    the decay gate's a_t, if any; ``feature_keys`` (B, Hkv, L, D) what φ was computed from, if not k."""
     batch, num_kv_heads, length, value_dim = v.shape
     feature_dim = fk.shape[-1] if fk is not None else (feature_dim or 1)
     cache = RecurrentState.empty(
         batch, num_heads, num_kv_heads, k.shape[-1] if k is not None else 1, value_dim, feature_dim, window,
         dtype=k.dtype if k is not None else torch.float32, device=v.device, gated=log_decay is not None,
+        feature_keys=feature_keys is not None,
     )
     starts = row_starts(start, batch, v.device)
     # Decay from each column to the prompt's end (1 without a gate), per head: exp(A_last − A_j).
@@ -199,6 +206,8 @@ def recurrent_state_from_prefix(
         recent = torch.arange(max(0, length - ring), length, device=v.device)
         slots = recent % ring
         cache.keys[:, :, slots] = k[:, :, recent]
+        if feature_keys is not None:
+            cache.feature_keys[:, :, slots] = feature_keys[:, :, recent].to(cache.feature_keys.dtype)
         cache.values[:, :, slots] = v[:, :, recent].to(cache.values.dtype)
         cache.slot_positions[:, slots] = torch.where(real[:, recent], relative[:, recent], -1)
         if log_decay is not None:
@@ -226,6 +235,7 @@ def hybrid_attention_step(
     use_linear: bool = True,
     key_features: KeyFeatures | None = None,
     log_decay: torch.Tensor | None = None,
+    feature_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend one new column and update ``cache`` in place.
 
@@ -233,7 +243,8 @@ def hybrid_attention_step(
     token is real (None: all are); a padding token is no key and its output is zero. With a window,
     ``key_features`` computes φ of the one key per row that leaves it (B, Hkv, 1, D) -> (B, H, 1, F);
     without one, ``fk`` (B, H, F) is folded at once. ``log_decay`` (B, H): the decay gate's a_t for this column
-    (the cache must have been made with ``gated``). Static shapes, no host synchronisation.
+    (the cache must have been made with ``gated``). ``feature_key`` (B, Hkv, D): what ``key_features`` will read
+    of this column's key when it leaves (a cache made with ``feature_keys``). Static shapes, no host synchronisation.
     """
     num_kv_heads = v.shape[1]
     num_heads = cache.state.shape[1]
@@ -275,7 +286,8 @@ def hybrid_attention_step(
             weight = leaving_position >= window.sinks  # an empty slot (−1) or a sink is never folded
             if real is not None:
                 weight = weight & real
-            leaving_key = cache.keys.gather(2, _slot_index(leaving, cache.keys))  # (B, Hkv, 1, D)
+            source = cache.keys if cache.feature_keys is None else cache.feature_keys
+            leaving_key = source.gather(2, _slot_index(leaving, source))  # (B, Hkv, 1, D)
             leaving_value = cache.values.gather(2, _slot_index(leaving, cache.values)).squeeze(2)  # (B, Hkv, Dv)
             leaving_fk = key_features(leaving_key).squeeze(2).float() * weight.to(torch.float32)[:, None, None]
             if log_decay is not None:
@@ -296,6 +308,11 @@ def hybrid_attention_step(
             else:
                 _fold(cache.state, cache.norm, leaving_fk, leaving_value)
         cache.keys.scatter_(2, _slot_index(slot, cache.keys), k.to(cache.keys.dtype).unsqueeze(2))
+        if (feature_key is not None) != (cache.feature_keys is not None):
+            raise ValueError("feature_key goes with a cache made with feature_keys=True, and only with one")
+        if feature_key is not None:
+            cache.feature_keys.scatter_(2, _slot_index(slot, cache.feature_keys),
+                                        feature_key.to(cache.feature_keys.dtype).unsqueeze(2))
         cache.values.scatter_(2, _slot_index(slot, cache.values), v.to(cache.values.dtype).unsqueeze(2))
         held = position if real is None else torch.where(real, position, -1)
         cache.slot_positions.scatter_(1, slot[:, None], held[:, None])
