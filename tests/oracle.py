@@ -99,3 +99,57 @@ def softmax_attention_oracle(q, k, v, *, scaling: float, sliding_window: int | N
 def linear_attention_oracle(fq, fk, v, *, start=None):
     """Causal linear attention φ(q)·φ(k) over every earlier real token, with its normaliser."""
     return hybrid_attention_oracle(None, None, v, fq, fk, kind="none", start=start)
+
+
+def recall_cache_oracle(q, k, v, fq, fk, *, size: int, recall: int, scaling: float = 1.0, gamma=None, start=None,
+                        sinks: int = 0) -> torch.Tensor:
+    """Hybrid attention with a terrace window of ``size`` and a sparse recall cache of ``recall`` keys per head (LoLA,
+    McDermott et al. 2025), one query at a time, written from the definition:
+
+    Blocks of ``size`` positions count from the row's first real token. When block b ≥ 2 starts, the keys of block
+    b − 2 leave the window (sinks aside) and, with the keys in the cache, are candidates. Each candidate c is scored
+    by its self-recall error against the linear state that would hold every candidate besides what the state holds:
+        pred_c = Σ_j φ(k_c)·φ(k_j) v_j / Σ_j φ(k_c)·φ(k_j)   over j in the state and the candidates
+        err_c  = ‖v_c − pred_c‖²
+    the ``recall`` candidates with the largest error stay in the cache (exact softmax terms, in every query's window
+    from then on), the others join the linear state for good. Everything else is the hybrid attention above.
+    """
+    batch, num_kv_heads, length, value_dim = v.shape
+    num_heads = q.shape[1]
+    group = num_heads // num_kv_heads
+    starts = [0] * batch if start is None else [int(s) for s in start]
+    gammas = [1.0] * num_heads if gamma is None else [float(g) for g in gamma]
+    q, k, v, fq, fk = (x.double() for x in (q, k, v, fq, fk))
+    out = torch.zeros(batch, num_heads, length, value_dim, dtype=torch.float64)
+    for b in range(batch):
+        first = starts[b]
+        for h in range(num_heads):
+            kv_head = h // group
+            cache: list[int] = []  # positions (columns) of cached keys
+            folded: list[int] = []  # positions in the linear state
+            for i in range(first, length):
+                p = i - first
+                if p % size == 0 and p // size >= 2:
+                    block = p // size - 2
+                    leaving = [first + r for r in range(block * size, (block + 1) * size) if r >= sinks]
+                    candidates = cache + leaving
+                    pool = folded + candidates
+                    errors = []
+                    for c in candidates:
+                        weights = [float(fk[b, h, c] @ fk[b, h, j]) for j in pool]
+                        pred = sum(w * v[b, kv_head, j] for w, j in zip(weights, pool)) / sum(weights)
+                        errors.append(float(((v[b, kv_head, c] - pred) ** 2).sum()))
+                    order = sorted(range(len(candidates)), key=lambda n: -errors[n])
+                    cache = [candidates[n] for n in order[:recall]]
+                    folded += [candidates[n] for n in order[recall:]]
+                window_keys = [j for j in range(first, i + 1) if in_window("terrace", size, p, j - first, sinks)]
+                window_keys += [j for j in cache if j not in window_keys]
+                scores = [scaling * float(q[b, h, i] @ k[b, kv_head, j]) for j in window_keys]
+                top = max(scores)
+                weights = [gammas[h] * math.exp(s - top) for s in scores]
+                values = [v[b, kv_head, j] for j in window_keys]
+                for j in folded:
+                    weights.append(float(fq[b, h, i] @ fk[b, h, j]))
+                    values.append(v[b, kv_head, j])
+                out[b, h, i] = sum(w * value for w, value in zip(weights, values)) / sum(weights)
+    return out

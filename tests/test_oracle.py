@@ -8,7 +8,13 @@ to the definition here.
 
 import pytest
 import torch
-from oracle import hybrid_attention_oracle, in_window, linear_attention_oracle, softmax_attention_oracle
+from oracle import (
+    hybrid_attention_oracle,
+    in_window,
+    linear_attention_oracle,
+    recall_cache_oracle,
+    softmax_attention_oracle,
+)
 
 from lolcats.runtime.ops import (
     Window,
@@ -23,6 +29,7 @@ from lolcats.runtime.ops import (
     recurrent_state_from_prefix,
     softmax_attention,
 )
+from lolcats.runtime.ops_recall import hybrid_attention_recall
 
 RTOL = 1e-5  # fp32 paths against the fp64 oracle, relative to the largest output
 FP64_RTOL = 1e-10  # the reference and chunked paths accumulate in fp64 for fp64 inputs
@@ -344,3 +351,58 @@ def test_decay_gate_prefill_then_steps_match_oracle(kind, size, sinks, prompt):
                                    log_decay=log_decay[:, :, t])
              for t in range(prompt, length)]
     assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL
+
+
+# (size, sinks, recall, length): caches smaller and larger than a block, with sinks, across many block starts.
+RECALL_SHAPES = [(4, 0, 3, 37), (3, 1, 2, 40), (4, 2, 5, 29), (5, 0, 8, 31), (2, 0, 1, 23)]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.parametrize("size,sinks,recall,length", RECALL_SHAPES)
+def test_recall_cache_matches_oracle(size, sinks, recall, length, kv_heads):
+    """The sparse recall cache, block by block (full forward and prefill) and token by token (decode), against the
+    oracle's one-query-at-a-time definition, left-padded rows included; it changes the output, as it must."""
+    q, k, v, fq, fk, gamma = make_inputs(3, kv_heads, length, seed=length + recall + kv_heads)
+    start = starts_for(3, length)
+    window = Window("terrace", size, sinks)
+    expected = recall_cache_oracle(q, k, v, fq, fk, size=size, recall=recall, scaling=0.35, gamma=gamma, start=start,
+                                   sinks=sinks)
+    settings = dict(window=window, scaling=0.35, gamma=gamma, start=start, recall=recall)
+    assert max_relative_error(hybrid_attention_recall(q, k, v, fq, fk, **settings), expected) <= RTOL
+    assert max_relative_error(hybrid_attention_recurrent(q, k, v, fq, fk, **settings), expected) <= RTOL
+    without = hybrid_attention_oracle(q, k, v, fq, fk, kind="terrace", size=size, scaling=0.35, gamma=gamma,
+                                      start=start, sinks=sinks)
+    assert max_relative_error(without, expected) > 1e-2
+
+
+def test_recall_cache_of_zero_is_the_hybrid_oracle():
+    q, k, v, fq, fk, gamma = make_inputs(2, 2, 30, seed=3)
+    start = starts_for(2, 30)
+    got = recall_cache_oracle(q, k, v, fq, fk, size=4, recall=0, gamma=gamma, start=start, sinks=1)
+    expected = hybrid_attention_oracle(q, k, v, fq, fk, kind="terrace", size=4, gamma=gamma, start=start, sinks=1)
+    assert max_relative_error(got, expected) <= 1e-12  # (float64; the sums run in another order)
+
+
+@pytest.mark.parametrize("size,sinks,recall,length", RECALL_SHAPES[:3])
+@pytest.mark.parametrize("prompt", [1, 9, 13])
+def test_recall_cache_prefill_then_steps_match_oracle(size, sinks, recall, length, prompt):
+    """Prefill (the block-by-block pass hands its state, cache and linear sums to the decode state), then steps that
+    re-select at each row's block starts (φ of the leaving block from the ring): the oracle at every later position."""
+    q, k, v, _, _, gamma = make_inputs(3, 2, length, seed=prompt + recall, large=True)
+    phi = phi_of(HEADS, seed=prompt)
+    fq, fk = phi(q), phi(k)
+    start = starts_for(3, length)
+    window = Window("terrace", size, sinks)
+    expected = recall_cache_oracle(q, k, v, fq, fk, size=size, recall=recall, scaling=0.5, gamma=gamma, start=start,
+                                   sinks=sinks)
+    head = start.clamp(max=prompt)
+    _, state, norm, cache = hybrid_attention_recall(
+        q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], fq[:, :, :prompt], fk[:, :, :prompt], window=window,
+        recall=recall, scaling=0.5, gamma=gamma, start=head, return_state=True)
+    decode = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
+                                         num_heads=HEADS, start=head, recall_state=(state, norm, cache))
+    steps = [hybrid_attention_step(decode, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], t >= start,
+                                   window=window, scaling=0.5, gamma=gamma, key_features=phi)
+             for t in range(prompt, length)]
+    assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL
+    assert decode.recall_keys.shape[2] == recall  # constant in the context

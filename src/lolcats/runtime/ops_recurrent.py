@@ -10,7 +10,11 @@ The state holds, per row:
   softmax terms for every query: a step reads them wherever the ring no longer holds them, and never folds them;
   with a decay gate, per head and ring slot the log-decay accumulated since that slot's key arrived: each step
   multiplies (S, z) and (S_next, z_next) by g_t = exp(a_t) and folds the leaving key with the decay it has
-  accumulated, so every linear term carries exp(A_i − A_j) as in the chunked path.
+  accumulated, so every linear term carries exp(A_i − A_j) as in the chunked path;
+  with a recall cache (ops_recall, terrace only), the K keys per query head the linear state recalls worst: a step
+  folds nothing as keys leave; when a row's block starts, the block that left and the cache are re-selected
+  (``select_recall``) and the rest folded into (S, z). That step reads φ of a whole block, once per block, and
+  asks the host whether any row starts a block (the one synchronisation of this option).
 
 Windows only move forward, and a key leaves them ``size`` positions after it could first be folded:
 the step for relative position p folds the one key at p − size, exactly once, into
@@ -35,9 +39,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops_recall import RecallCache, select_recall, where_rows
 from .ops_common import (
     Window,
     check_inputs,
+    expand_heads,
     check_log_decay,
     cumulative_log_decay,
     gamma_per_head,
@@ -64,6 +70,10 @@ class RecurrentState:
     slot_log_decay: torch.Tensor | None = None  # decay gate: (B, H, R) fp32, Σ a_t since each slot's key arrived
     feature_keys: torch.Tensor | None = None  # (B, Hkv, R, D): what φ reads of each ring key, when that is not the
     # key itself (keys before RoPE, for a linear term without positions)
+    recall_keys: torch.Tensor | None = None  # recall cache (ops_recall.RecallCache's fields): (B, H, K, D)
+    recall_values: torch.Tensor | None = None  # (B, H, K, Dv)
+    recall_features: torch.Tensor | None = None  # (B, H, K, F) fp32
+    recall_positions: torch.Tensor | None = None  # (B, H, K) long, −1 for an empty slot
     columns: int = 0  # host copy of ``column``, for get_seq_length()
 
     @classmethod
@@ -81,11 +91,12 @@ class RecurrentState:
         device: torch.device | str = "cpu",
         gated: bool = False,
         feature_keys: bool = False,
+        recall: int = 0,
     ) -> "RecurrentState":
         ring = window.lookback + 1
         terrace = window.kind == "terrace"
         sinks = window.sinks
-        return cls(
+        cache = cls(
             state=torch.zeros(batch, num_heads, feature_dim, value_dim, device=device),
             norm=torch.zeros(batch, num_heads, feature_dim, device=device),
             keys=torch.zeros(batch, num_kv_heads, ring, head_dim, dtype=dtype, device=device),
@@ -102,6 +113,21 @@ class RecurrentState:
             feature_keys=torch.zeros(batch, num_kv_heads, ring, head_dim, dtype=dtype, device=device)
             if feature_keys else None,
         )
+        if recall:
+            cache.recall_cache = RecallCache.empty(batch, num_heads, recall, head_dim, value_dim, feature_dim,
+                                                   dtype=dtype, device=device)
+        return cache
+
+    @property
+    def recall_cache(self) -> RecallCache | None:
+        if self.recall_positions is None:
+            return None
+        return RecallCache(self.recall_keys, self.recall_values, self.recall_features, self.recall_positions)
+
+    @recall_cache.setter
+    def recall_cache(self, cache: RecallCache) -> None:
+        self.recall_keys, self.recall_values = cache.keys, cache.values
+        self.recall_features, self.recall_positions = cache.features, cache.positions
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: value for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
@@ -123,6 +149,33 @@ def _by_kv_group(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 def _slot_index(slot: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
     """(B,) slot per row -> an index into dim 2 of ``ring`` (B, Hkv, R, X) that picks that slot."""
     return slot.view(-1, 1, 1, 1).expand(ring.shape[0], ring.shape[1], 1, ring.shape[3])
+
+
+def _recall_block_start(cache: RecurrentState, window: Window, position: torch.Tensor, real, key_features) -> None:
+    """Where a real row's terrace block b ≥ 2 starts: the keys of block b − 2 (still in the ring, in the slots the
+    next ``size`` columns overwrite) and the cache are re-selected; other rows are left as they are."""
+    size = window.size
+    starting = (position % size == 0) & (position >= 2 * size)
+    if real is not None:
+        starting = starting & real
+    if not bool(starting.any()):
+        return
+    ring = cache.slot_positions.shape[1]
+    slots = (cache.column[:, None] + torch.arange(size, device=position.device)) % ring  # (B, size)
+    held = cache.slot_positions.gather(1, slots)
+    leaving = torch.where(held >= window.sinks, held, -1)
+    source = cache.keys if cache.feature_keys is None else cache.feature_keys
+
+    def gathered(ring_tensor: torch.Tensor) -> torch.Tensor:
+        return ring_tensor.gather(2, slots[:, None, :, None].expand(-1, ring_tensor.shape[1], -1, ring_tensor.shape[3]))
+
+    num_heads = cache.state.shape[1]
+    features = key_features(gathered(source)).float()  # (B, H, size, F)
+    keys, values = (expand_heads(gathered(x), num_heads) for x in (cache.keys, cache.values))
+    positions = leaving[:, None, :].expand(-1, num_heads, -1)
+    selected = select_recall(cache.state, cache.norm, cache.recall_cache, keys, values, features, positions)
+    cache.state, cache.norm, cache.recall_cache = where_rows(starting, selected,
+                                                             (cache.state, cache.norm, cache.recall_cache))
 
 
 def _fold(state: torch.Tensor, norm: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> None:
@@ -149,11 +202,14 @@ def recurrent_state_from_prefix(
     start: torch.Tensor | None = None,
     log_decay: torch.Tensor | None = None,
     feature_keys: torch.Tensor | None = None,
+    recall_state: tuple | None = None,
 ) -> RecurrentState:
     """The state after a whole prompt, without stepping through it: what ``hybrid_attention_step``
     holds after the prompt's L columns. k (B, Hkv, L, D), v (B, Hkv, L, Dv), fk (B, H, L, F) (None
     without a linear term); ``start`` (B,) is each row's first real token (left padding); ``log_decay`` (B, H, L)
-    the decay gate's a_t, if any; ``feature_keys`` (B, Hkv, L, D) what φ was computed from, if not k."""
+    the decay gate's a_t, if any; ``feature_keys`` (B, Hkv, L, D) what φ was computed from, if not k;
+    ``recall_state``: the (state, norm, cache) ``ops_recall.hybrid_attention_recall`` reached over the same prompt,
+    which replaces (S, z) and the pending sums (a recall cache folds whole blocks as they start)."""
     batch, num_kv_heads, length, value_dim = v.shape
     feature_dim = fk.shape[-1] if fk is not None else (feature_dim or 1)
     cache = RecurrentState.empty(
@@ -213,6 +269,11 @@ def recurrent_state_from_prefix(
         if log_decay is not None:
             held = real[:, None, recent]  # slots of padding (or empty) hold no decay, as in a stepped state
             cache.slot_log_decay[:, :, slots] = torch.where(held, log_to_end[:, :, recent], 0.0).float()
+    if recall_state is not None:
+        cache.state, cache.norm, cache.recall_cache = recall_state[0].float(), recall_state[1].float(), recall_state[2]
+        if cache.pending_state is not None:
+            cache.pending_state.zero_()
+            cache.pending_norm.zero_()
     cache.lengths = lengths
     cache.column.fill_(length)
     cache.columns = length
@@ -277,7 +338,9 @@ def hybrid_attention_step(
             raise ValueError("a windowed recurrent step with a linear term needs key_features")
         ring = cache.slot_positions.shape[1]
         slot = cache.column % ring  # (B,), the same in every row
-        if use_linear:
+        if use_linear and cache.recall_positions is not None:
+            _recall_block_start(cache, window, position, real, key_features)
+        elif use_linear:
             # The key at relative p − size (column − size): it leaves a sliding window now, and a terrace
             # window with the rest of its block when the next block starts. Fold it before its slot is
             # overwritten (a sliding window's ring is exactly ``size`` long).
@@ -342,10 +405,18 @@ def hybrid_attention_step(
             in_window = torch.cat([in_window, outside_ring], dim=1)
         grouped_q = _by_kv_group(q.float(), num_kv_heads)  # (B, Hkv, G, D)
         scores = (grouped_q @ keys.float().transpose(-1, -2)).flatten(1, 2) * scaling  # (B, H, R [+ N])
-        weights = gamma_per_head(gamma, num_heads, v.device).view(1, num_heads, 1) * softmax_terms(
-            scores, in_window[:, None, :])
-        num = (_by_kv_group(weights, num_kv_heads) @ values.float()).flatten(1, 2)  # (B, H, Dv)
+        mask = in_window[:, None, :].expand(-1, num_heads, -1)
+        held = 0 if cache.recall_positions is None else cache.recall_positions.shape[-1]
+        if held:  # the cached keys, per query head, in the same softmax
+            recalled = (q.float().unsqueeze(-2) @ cache.recall_keys.float().transpose(-1, -2)).squeeze(-2) * scaling
+            scores = torch.cat([scores, recalled], dim=-1)
+            mask = torch.cat([mask, cache.recall_positions >= 0], dim=-1)
+        weights = gamma_per_head(gamma, num_heads, v.device).view(1, num_heads, 1) * softmax_terms(scores, mask)
         den = weights.sum(-1)
+        recall_weights, weights = weights[..., weights.shape[-1] - held:], weights[..., :weights.shape[-1] - held]
+        num = (_by_kv_group(weights, num_kv_heads) @ values.float()).flatten(1, 2)  # (B, H, Dv)
+        if held:
+            num = num + (recall_weights.unsqueeze(-2) @ cache.recall_values.float()).squeeze(-2)
         if use_linear:
             fq = fq.float()
             num = num + (fq.unsqueeze(-2) @ cache.state).squeeze(-2)
@@ -370,6 +441,7 @@ def hybrid_attention_recurrent(
     use_linear: bool = True,
     start: torch.Tensor | None = None,
     log_decay: torch.Tensor | None = None,
+    recall: int = 0,
 ) -> torch.Tensor:
     """Whole sequences through ``hybrid_attention_step``, token by token.
 
@@ -383,7 +455,7 @@ def hybrid_attention_recurrent(
     feature_dim = fq.shape[-1] if fq is not None else 1
     cache = RecurrentState.empty(
         batch, num_heads, num_kv_heads, k.shape[-1] if k is not None else 1, value_dim, feature_dim, window,
-        dtype=torch.float32, device=v.device, gated=log_decay is not None,
+        dtype=torch.float32, device=v.device, gated=log_decay is not None, recall=recall,
     )
     starts = row_starts(start, batch, v.device)
     no_key = torch.zeros(batch, num_heads, 1, feature_dim, device=v.device)
@@ -392,9 +464,16 @@ def hybrid_attention_recurrent(
         return x[:, :, t] if x is not None else None
 
     def leaving_features(t: int) -> KeyFeatures:
-        # Before column ``size`` the leaving slot is empty (its weight is 0): any features will do.
+        # Before column ``size`` the leaving slot is empty (its weight is 0): any features will do. A recall cache
+        # asks, at a block start, for the block of columns t − 2·size … t − size − 1 at once.
         leaving = t - window.size
-        return lambda _key: fk[:, :, leaving : leaving + 1] if leaving >= 0 else no_key
+
+        def features(keys: torch.Tensor) -> torch.Tensor:
+            if keys.shape[2] > 1:
+                return fk[:, :, t - 2 * window.size : t - window.size]
+            return fk[:, :, leaving : leaving + 1] if leaving >= 0 else no_key
+
+        return features
 
     outputs = []
     for t in range(length):
