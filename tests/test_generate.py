@@ -372,3 +372,38 @@ def test_linear_term_without_rope_decodes_like_full_forward(attention, family):
     rotated = tiny_linearized(family, attention=attention)
     rotated.load_state_dict(model.state_dict())
     assert relative_error(full_logits(rotated, ids[1:2]), full[1:2]) > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_recall_cache_decode_matches_full_forward_and_padded_rows_match_rows_alone(family):
+    """recall_cache=3 with the terrace window of 4: decode (re-selecting at each row's block starts) == the full
+    forward (block by block), left-padded rows == rows alone; with autograd on the layer computes without the
+    cache, as it trains; the cache changes the output."""
+    model = tiny_linearized(family, recall_cache=3, sinks=1)
+    ids = random_ids((3, 40), 8, low=1)
+    pads = [5, 0, 2]
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    for prompt in (7, 13):
+        logits, cache = incremental_logits(model, ids, prompt, attention_mask=mask)
+        full = full_logits(model, ids, mask)
+        for row, pad in enumerate(pads):
+            alone = full_logits(model, ids[row : row + 1, pad:])
+            assert relative_error(logits[row, pad:], alone[0]) <= TOL
+            assert relative_error(full[row, pad:], alone[0]) <= ROW_TOL
+    assert all(layer.state.recall_keys.shape[2] == 3 for layer in cache.layers if isinstance(layer, RecurrentLayer))
+    plain = tiny_linearized(family, sinks=1)
+    plain.load_state_dict(model.state_dict())
+    assert relative_error(full_logits(plain, ids[1:2]), full_logits(model, ids[1:2])) > 1e-4
+    with torch.enable_grad():
+        trained_path = model(ids[1:2].to(DEVICE), use_cache=False).logits
+    assert relative_error(trained_path.detach(), full_logits(plain, ids[1:2])) <= 1e-6
+
+
+def test_recall_cache_is_refused_where_it_is_not_defined():
+    with pytest.raises(ValueError, match="needs attention='lolcats'"):
+        tiny_linearized("llama", attention="sliding", recall_cache=2)
+    with pytest.raises(ValueError, match="decay gate is not supported"):
+        tiny_linearized("llama", gate="scalar", recall_cache=2)

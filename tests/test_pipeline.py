@@ -275,3 +275,20 @@ def test_loading_onto_the_wrong_base_or_a_damaged_adapter_fails_clearly(trained_
     save_file(tensors, str(damaged / ADAPTER))
     with pytest.raises(ArtifactError, match="missing"):
         lolcats.load(damaged)
+
+
+def test_eval_with_a_recall_cache_on_a_trained_run(trained_dir, tiny):
+    """`lolcats eval --recall-cache K` on a linearized folder: the setting is applied and recorded and changes the
+    perplexity (past the window); a base model has no linear state to give one."""
+    from lolcats.evaluate.runner import evaluate_model
+
+    out = str(trained_dir[0])
+    settings = dict(texts=[tiny.eval], tasks=[], seq_len=256, max_text_tokens=1024, with_fidelity=False,
+                    echo=lambda _: None)
+    plain = evaluate_model(out, **settings)
+    recalled = evaluate_model(out, recall_cache=8, **settings)
+    assert recalled["settings"]["recall_cache"] == 8 and "recall_cache" not in plain["settings"]
+    assert recalled["perplexity"] != plain["perplexity"]
+    assert evaluate_model(out, recall_cache=0, **settings)["perplexity"] == plain["perplexity"]
+    with pytest.raises(ValueError, match="--recall-cache is for a linearized folder"):
+        evaluate_model(str(tiny.model), recall_cache=8, **settings)

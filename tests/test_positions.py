@@ -139,7 +139,7 @@ def saved_model(tmp_path_factory):
 def test_eval_without_the_new_flags_keeps_its_keys(saved_model, tmp_path):
     text = tmp_path / "long.txt"
     text.write_text(TEXT * 3)
-    result = evaluate_model(str(saved_model), texts=[text], seq_len=64, echo=lambda line: None)
+    result = evaluate_model(str(saved_model), texts=[text], tasks=[], seq_len=64, echo=lambda line: None)
     assert set(result) == {"model", "kind", "perplexity", "tasks", "settings"}
     assert set(result["settings"]) == {"seq_len", "stride", "max_text_tokens", "limit", "num_fewshot", "batch_size"}
     assert "loss pos" not in format_table(result) and format_table(result).splitlines()[2].split() == ["metric", "value"]
@@ -150,7 +150,8 @@ def test_eval_command_reports_position_buckets_and_the_window_baseline(saved_mod
     text.write_text(TEXT * 3)
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, [
-        "eval", "--model", str(saved_model), "--text", str(text), "--seq-len", "96", "--position-buckets",
+        "eval", "--model", str(saved_model), "--text", str(text), "--task-dir", str(tmp_path), "--seq-len", "96",
+        "--position-buckets",
         "--baselines", "window,sinks", "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
@@ -170,7 +171,8 @@ def test_eval_command_reports_position_buckets_and_the_window_baseline(saved_mod
     assert "loss pos 0-64" in table and "loss pos 64-96" in table
     assert table.splitlines()[0].split() == ["value", "window", "sinks"]
 
-    result = CliRunner().invoke(app, ["eval", "--model", str(saved_model), "--text", str(text), "--seq-len", "96",
+    result = CliRunner().invoke(app, ["eval", "--model", str(saved_model), "--text", str(text), "--task-dir",
+                                      str(tmp_path), "--seq-len", "96",
                                       "--position-edges", "16,32", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["loss_by_position"]["edges"] == [0, 16, 32, 96]

@@ -29,6 +29,9 @@ class LinearizeConfig(BaseModel):
                forgetting nothing, so a new gate leaves the converted model exactly as without it (runtime/gate.py)
     linear_rope: φ reads q and k after RoPE (true, LoLCATs) or before it (false, as Lizard: the linear term then
       carries no position, the softmax window keeps RoPE)
+    recall_cache: K > 0 keeps, per layer and query head, the K past keys the linear state recalls worst as exact
+      softmax terms (LoLA; runtime/ops_recall.py): an inference-time option (training runs without it), terrace
+      window only, constant memory
     local_layers (models with local sliding-window layers, e.g. Gemma 3):
       keep       leave them as the teacher's exact sliding-window softmax; they already run in
                  constant memory, so only the global layers are linearized (default)
@@ -43,6 +46,7 @@ class LinearizeConfig(BaseModel):
     sinks: int = Field(0, ge=0)
     gate: GateKind = "none"
     linear_rope: bool = True
+    recall_cache: int = Field(0, ge=0)
     feature_dim: int = Field(64, ge=1)
     softmax_layers: tuple[int, ...] = ()
     local_layers: Literal["keep", "linearize"] = "keep"

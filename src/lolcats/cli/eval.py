@@ -38,6 +38,7 @@ def eval_command(
         None, help="Comma-separated rows evaluated the same way, beside the model: 'teacher' (the base model), "
         "'window' (the base converted with attention=window under the run's conversion settings; window 64 for a "
         "base model) and 'sinks' (the same window plus 4 attention-sink tokens)."),
+    recall_cache: Optional[int] = typer.Option(None, help="Evaluate a linearized folder with a sparse recall cache of K keys per layer and head (LoLA; inference only; 0 = none; default: as saved)."),
     contexts: str = typer.Option(",".join(map(str, DEFAULT_CONTEXTS)), help="Prompt lengths in tokens for the retrieval tasks."),
     depths: str = typer.Option(",".join(map(str, DEFAULT_DEPTHS)), help="Needle depths (fractions of the prompt) for the retrieval tasks."),
     trials: int = typer.Option(1, help="Prompts per context x depth for the retrieval tasks (different keys)."),
@@ -50,7 +51,7 @@ def eval_command(
             model, texts=list(text or []), tasks=[t for t in tasks.split(",") if t] if tasks else None,
             task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, seq_len=seq_len, stride=stride,
             max_text_tokens=max_text_tokens, batch_size=batch_size, with_fidelity=fidelity,
-            position_edges=edges, baselines=baselines, contexts=parse_numbers(contexts, int, "--contexts"),
+            position_edges=edges, baselines=baselines, recall_cache=recall_cache, contexts=parse_numbers(contexts, int, "--contexts"),
             depths=parse_numbers(depths, float, "--depths"), trials=trials, echo=typer.echo,
         )
     except (ValueError, FileNotFoundError, NotImplementedError) as err:

@@ -13,6 +13,7 @@ from ..artifacts import base_model_spec, is_linearized_folder, load_model, read_
 from ..config import LinearizeConfig
 from ..convert import convert
 from ..models import load_base_model, resolve_dtype
+from ..runtime.swap import set_recall_cache
 from .fidelity import fidelity, text_windows
 from .perplexity import next_token_nll, rolling_windows, window_batches
 from .positions import bucket_edges, loss_by_position
@@ -148,6 +149,7 @@ def evaluate_model(
     fidelity_tokens: int = 4096,
     position_edges: list[int] | None = None,
     baselines: str | list[str] | None = None,
+    recall_cache: int | None = None,
     contexts: list[int] = DEFAULT_CONTEXTS,
     depths: list[float] = DEFAULT_DEPTHS,
     trials: int = 1,
@@ -158,7 +160,8 @@ def evaluate_model(
     passkey, multikey) over ``contexts`` × ``depths``, ``trials`` prompts each (retrieval.py). ``position_edges``:
     None for no loss by position, [] for the default buckets (positions.default_edges), else the bucket edges.
     ``baselines``: names (a list or a comma list) of ``BASELINES`` evaluated the same way, under
-    result["baselines"][name]."""
+    result["baselines"][name]. ``recall_cache``: evaluate a linearized folder with a sparse recall cache of that
+    many keys per head (0: none; None: as saved), the inference-time option of runtime/ops_recall.py."""
 
     linearized = is_linearized_folder(spec)
     baselines = parse_baselines(baselines)
@@ -167,23 +170,29 @@ def evaluate_model(
             raise ValueError("the loss by position (--position-buckets) needs a --text file")
         bucket_edges(seq_len, position_edges or None)  # bad edges fail before any model loads
     retrieval_tasks = [name for name in tasks or [] if name in RETRIEVAL_TASKS]
-    only_retrieval = bool(tasks) and len(retrieval_tasks) == len(tasks)  # (no --tasks: every task file)
+    # tasks None: every task file of the task folder (the CLI without --tasks); a list: those named ([] for none)
     tasks = None if tasks is None else [name for name in tasks if name not in RETRIEVAL_TASKS]
     if retrieval_tasks and (not contexts or not depths or trials < 1):
         raise ValueError("retrieval tasks need at least one context, one depth and one trial")
     task_dir = Path(task_dir) if task_dir else (DEFAULT_TASK_DIR if DEFAULT_TASK_DIR.is_dir() else None)
     if tasks and task_dir is None:
         raise FileNotFoundError(f"--tasks needs --task-dir (the default {DEFAULT_TASK_DIR} does not exist here)")
-    files = task_files(task_dir, tasks) if task_dir and not only_retrieval else []
+    files = task_files(task_dir, tasks) if task_dir and (tasks is None or tasks) else []
     loaded_tasks = [load_task(path) for path in files]  # malformed files fail before any model loads
     tokenizer = tokenizer_for(spec)
     model = load_model(spec)
+    if recall_cache is not None:
+        if not linearized:
+            raise ValueError("--recall-cache is for a linearized folder: a base model has no linear state")
+        set_recall_cache(model, recall_cache)
     settings = {"seq_len": seq_len, "stride": stride or seq_len - 1, "max_text_tokens": max_text_tokens,
                 "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}
     if position_edges is not None:
         settings["position_edges"] = list(position_edges) or None
     if baselines:
         settings["baselines"] = baselines
+    if recall_cache is not None:
+        settings["recall_cache"] = recall_cache
     retrieval = {"tasks": retrieval_tasks, "contexts": list(contexts), "depths": list(depths), "trials": trials,
                  "seed": seed}
     if retrieval_tasks:

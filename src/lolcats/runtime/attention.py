@@ -20,6 +20,7 @@ from torch import nn
 
 from .feature_maps import fp32_preserving, make_feature_map
 from .gate import DecayGate
+from .ops_recall import check_recall, hybrid_attention_recall
 from .cache import LinearizedCache, RecurrentLayer
 from .families import AttentionFamily
 from .ops import (
@@ -195,6 +196,8 @@ class LinearizedAttention(nn.Module):
             raise ValueError("a decay gate acts on the linear term: attention='window' has none")
         self.decay_gate = DecayGate(self.q_proj.in_features, self.num_heads) if gate == "scalar" else None
         self.linear_rope = bool(getattr(config, "linear_rope", True))
+        self.recall = 0
+        self.set_recall(int(getattr(config, "recall_cache", 0)))
         gamma_logit = math.log(config.gamma_init / (1 - config.gamma_init))
         # fp32 whatever the default dtype (transformers builds bf16 models under a bf16 default).
         self.window_logit = nn.Parameter(torch.full((self.num_heads,), gamma_logit, dtype=torch.float32))
@@ -239,6 +242,18 @@ class LinearizedAttention(nn.Module):
             return length <= 2 * self.window.size  # blocks 0 and 1 see everything before them
         return self.window.kind == "sliding" and length <= self.window.size
 
+    def set_recall(self, recall: int) -> None:
+        """Keys of the sparse recall cache per query head (0: none). Inference only: with autograd on, the layer
+        computes without it, as it was trained."""
+        check_recall(self.window, recall, self.use_linear)
+        if recall and self.decay_gate is not None:
+            raise ValueError("a recall cache with a decay gate is not supported yet: the self-recall error of a "
+                             "forgetting state is not defined here")
+        self.recall = recall
+
+    def _recalling(self) -> bool:
+        return bool(self.recall) and not torch.is_grad_enabled() and not self.record_linear_share
+
     def log_decay(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """The decay gate's a_t (B, H, L) fp32 for these inputs; None without a gate."""
         return None if self.decay_gate is None else self.decay_gate(hidden_states)
@@ -251,6 +266,10 @@ class LinearizedAttention(nn.Module):
             # the normaliser), so short sequences (task scoring, short prompts) take the SDPA path.
             return softmax_attention(q, k, v, scaling=self.scaling, start=start)
         fq, fk = features if features is not None else self.features(*(feature_inputs or (q, k)))
+        if self._recalling():
+            return hybrid_attention_recall(q, k, v, fq, fk, window=self.window, recall=self.recall,
+                                           scaling=self.scaling, gamma=self.gamma, start=start,
+                                           output_dtype=output_dtype)
         attend = dict(window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
                       start=start, chunk_size=self.chunk_size, output_dtype=output_dtype, log_decay=log_decay)
         if not self.record_linear_share:
@@ -272,10 +291,17 @@ class LinearizedAttention(nn.Module):
             needed = layer_cache is not None or self.record_linear_share or not self._window_covers(length)
             features = self.features(*feature_inputs) if needed else (None, None)
             log_decay = self.log_decay(hidden_states) if needed else None
-            out = self.student(q, k, v, start, features, log_decay=log_decay)
+            recall_state = None
+            if layer_cache is not None and self._recalling():
+                # the pass that computes the outputs also reaches the cache and linear sums decoding continues from
+                out, *recall_state = hybrid_attention_recall(
+                    q, k, v, *features, window=self.window, recall=self.recall, scaling=self.scaling,
+                    gamma=self.gamma, start=start, return_state=True)
+            else:
+                out = self.student(q, k, v, start, features, log_decay=log_decay)
             if layer_cache is not None:
                 ring_feature_keys = None if self.linear_rope or self.window.kind == "none" else feature_inputs[1]
-                self._prefill(layer_cache, k, v, features[1], start, log_decay, ring_feature_keys)
+                self._prefill(layer_cache, k, v, features[1], start, log_decay, ring_feature_keys, recall_state)
         elif layer_cache is not None:
             raise ValueError(f"a cache is only filled in linear mode, not {self.mode!r}: call with use_cache=False")
         elif self.mode == "softmax":
@@ -310,7 +336,8 @@ class LinearizedAttention(nn.Module):
     def _key_features(self, keys: torch.Tensor) -> torch.Tensor:
         return self.feature_map_k(expand_heads(keys, self.num_heads))
 
-    def _prefill(self, layer_cache: RecurrentLayer, k, v, fk, start, log_decay=None, feature_keys=None) -> None:
+    def _prefill(self, layer_cache: RecurrentLayer, k, v, fk, start, log_decay=None, feature_keys=None,
+                 recall_state=None) -> None:
         if self._context.right_padded():
             raise ValueError("prompts for generation must be padded on the left (tokenizer.padding_side = 'left')")
         layer_cache.state = recurrent_state_from_prefix(
@@ -318,6 +345,7 @@ class LinearizedAttention(nn.Module):
             window=self.window, num_heads=self.num_heads, start=start,
             log_decay=None if log_decay is None else log_decay.detach(),
             feature_keys=None if feature_keys is None else feature_keys.detach(),
+            recall_state=recall_state,
         )
 
     @torch.no_grad()

@@ -54,6 +54,12 @@ def linearized_layers(model: nn.Module) -> Iterator[LinearizedAttention]:
     return (module for module in model.modules() if isinstance(module, LinearizedAttention))
 
 
+def set_recall_cache(model: nn.Module, recall: int) -> None:
+    """Give every linearized layer a sparse recall cache of ``recall`` keys per head (0: none), at inference."""
+    for layer in linearized_layers(model):
+        layer.set_recall(recall)
+
+
 def set_attention_mode(model: nn.Module, mode: AttentionMode) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
