@@ -74,6 +74,7 @@ def linearize_command(
     sinks: Optional[int] = typer.Option(None, help="Attention sinks: the first N tokens of each row stay softmax terms for every query (default 0)."),
     gate: Optional[str] = typer.Option(None, help="none (default) | scalar: a learned data-dependent decay per head on the linear state, trained in stage 1."),
     linear_rope: Optional[bool] = typer.Option(None, "--linear-rope/--no-linear-rope", help="φ reads q and k after RoPE (default) or before it (the linear term then carries no position)."),
+    recall_cache: Optional[int] = typer.Option(None, help="Sparse recall cache of K keys per layer and head, used at inference (training runs without it); saved with the model (default 0)."),
     feature_dim: Optional[int] = typer.Option(None, help="Feature-map width per head (default 64; hedgehog gives 2x)."),
     gamma_init: Optional[float] = typer.Option(None, help="Initial weight γ of the softmax window against the linear term (default 0.1)."),
     chunk_size: Optional[int] = typer.Option(None, help="Chunk length of the O(L) attention path (default 64)."),
@@ -106,7 +107,7 @@ def linearize_command(
     if block_size is not None and not blockwise:
         fail(ValueError("--block-size is for block-wise training: add --blockwise"))
     flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
-                 attention=attention, feature_map=feature_map, window=window, sinks=sinks, gate=gate, linear_rope=linear_rope, feature_dim=feature_dim,
+                 attention=attention, feature_map=feature_map, window=window, sinks=sinks, gate=gate, linear_rope=linear_rope, recall_cache=recall_cache, feature_dim=feature_dim,
                  gamma_init=gamma_init, chunk_size=chunk_size, local_layers=local_layers,
                  softmax_layers=None if softmax_layers is None else _layer_list(softmax_layers),
                  seq_len=seq_len,
