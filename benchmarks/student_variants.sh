@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The student options of issue 16 on one teacher at one token budget: LoLCATs as it is, + sinks, + a wider window,
+# + the decay gate, + the linear term without RoPE, and the recall cache at inference; each run evaluated by
+# benchmarks/long_eval.sh (MMLU 5-shot, passkey 1k-8k, loss by position to 8k, beside the teacher and the
+# training-free window / window + sinks rows). Results: benchmarks/results/long-eval-NAME-VARIANT.{json,md}.
+# Usage: bash benchmarks/student_variants.sh NAME [LIMIT] -- LINEARIZE ARGS (model, data, budget)
+#   e.g. bash benchmarks/student_variants.sh gemma3-270m 20 -- --config gemma3-270m-cpu
+set -euo pipefail
+name=$1
+limit=${2:-20}
+shift 2
+[ "${1:-}" = "--" ] && shift
+lolcats=${LOLCATS:-.venv/bin/lolcats}
+declare -A variants=(
+  [lolcats]=""
+  [sinks4]="--sinks 4"
+  [window128-sinks4]="--window 128 --sinks 4"
+  [window256-sinks4]="--window 256 --sinks 4"
+  [gate-sinks4]="--gate scalar --sinks 4"
+  [gate-sinks4-norope]="--gate scalar --sinks 4 --no-linear-rope"
+)
+for variant in lolcats sinks4 window128-sinks4 window256-sinks4 gate-sinks4 gate-sinks4-norope; do
+  run=runs/variants/$name-$variant
+  # shellcheck disable=SC2086
+  "$lolcats" linearize "$@" ${variants[$variant]} --out "$run" --quiet
+  bash "$(dirname "$0")/long_eval.sh" "$run" "$name-$variant" "$limit"
+done
+# the recall cache needs no training: the sinks run again, evaluated with 64 cached keys per head
+run=runs/variants/$name-sinks4
+LOLCATS_EVAL_ARGS="--recall-cache 64" bash "$(dirname "$0")/long_eval.sh" "$run" "$name-sinks4-recall64" "$limit"
