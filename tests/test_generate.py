@@ -85,6 +85,31 @@ def full_logits(model, ids, attention_mask=None):
         return model(ids.to(DEVICE), attention_mask=mask, use_cache=False).logits
 
 
+PADS = [5, 0, 2]  # left padding of the three rows of a padded batch
+
+
+def left_padded(ids):
+    """(ids with PADS zeroed on the left, their attention mask)."""
+    ids, mask = ids.clone(), torch.ones_like(ids)
+    for row, pad in enumerate(PADS):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, mask
+
+
+def assert_padded_rows_decode_like_rows_alone(model, ids, mask, prompt, whole=True):
+    """Decode after a ``prompt``-token prefill (and, with ``whole``, the whole-sequence forward) of a left-padded
+    batch: every real position equals the row alone. Returns (full-forward logits or None, the cache)."""
+    logits, cache = incremental_logits(model, ids, prompt, attention_mask=mask)
+    full = full_logits(model, ids, mask) if whole else None
+    for row, pad in enumerate(PADS):
+        alone = full_logits(model, ids[row : row + 1, pad:])
+        assert relative_error(logits[row, pad:], alone[0]) <= TOL
+        if whole:
+            assert relative_error(full[row, pad:], alone[0]) <= ROW_TOL
+    return full, cache
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 @pytest.mark.parametrize("prompt", [1, 3, 4, 5, 9, 17])
 def test_decode_matches_full_forward(family, prompt):
@@ -111,19 +136,9 @@ def test_sinks_decode_matches_full_forward_and_padded_rows_match_rows_alone(atte
     boundaries; left-padded rows count their sinks from their first real token."""
     for sinks in (3, 6):
         model = tiny_linearized(family, attention=attention, sinks=sinks)
-        ids = random_ids((3, 31), sinks, low=1)
-        pads = [5, 0, 2]
-        mask = torch.ones_like(ids)
-        for row, pad in enumerate(pads):
-            mask[row, :pad] = 0
-            ids[row, :pad] = 0
+        ids, mask = left_padded(random_ids((3, 31), sinks, low=1))
         for prompt in (6, 11):  # (after the longest padding: a prompt must hold a real token of each row)
-            logits, cache = incremental_logits(model, ids, prompt, attention_mask=mask)
-            full = full_logits(model, ids, mask)
-            for row, pad in enumerate(pads):
-                alone = full_logits(model, ids[row : row + 1, pad:])
-                assert relative_error(logits[row, pad:], alone[0]) <= TOL
-                assert relative_error(full[row, pad:], alone[0]) <= ROW_TOL
+            assert_padded_rows_decode_like_rows_alone(model, ids, mask, prompt)
         # the sinks matter: without them the logits past the window differ
         without = tiny_linearized(family, attention=attention)
         without.load_state_dict(model.state_dict())
@@ -143,16 +158,8 @@ def test_left_padded_rows_decode_like_rows_alone(attention):
     """Rows offset by left padding (5, 0, 2 tokens): every decoded real position equals the row alone,
     across the window's block boundaries, which fall at different columns in each row."""
     model = tiny_linearized("llama", attention=attention)
-    ids = random_ids((3, 29), 12, low=1)
-    pads = [5, 0, 2]
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        mask[row, :pad] = 0
-        ids[row, :pad] = 0
-    logits, _ = incremental_logits(model, ids, 7, attention_mask=mask)
-    for row, pad in enumerate(pads):
-        alone = full_logits(model, ids[row : row + 1, pad:])
-        assert relative_error(logits[row, pad:], alone[0]) <= TOL
+    ids, mask = left_padded(random_ids((3, 29), 12, low=1))
+    assert_padded_rows_decode_like_rows_alone(model, ids, mask, 7, whole=False)
 
 
 @pytest.mark.parametrize("attention", ["sliding", "lolcats"])
@@ -322,18 +329,8 @@ def test_decay_gate_at_initialisation_is_exactly_the_model_without_it(family):
 @pytest.mark.parametrize("attention", ["lolcats", "sliding", "linear"])
 def test_decay_gate_decode_matches_full_forward_and_padded_rows_match_rows_alone(attention):
     model = gated(tiny_linearized("llama", attention=attention, gate="scalar", sinks=0 if attention == "linear" else 2))
-    ids = random_ids((3, 33), 4, low=1)
-    pads = [5, 0, 2]
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        mask[row, :pad] = 0
-        ids[row, :pad] = 0
-    logits, cache = incremental_logits(model, ids, 7, attention_mask=mask)
-    full = full_logits(model, ids, mask)
-    for row, pad in enumerate(pads):
-        alone = full_logits(model, ids[row : row + 1, pad:])
-        assert relative_error(logits[row, pad:], alone[0]) <= TOL
-        assert relative_error(full[row, pad:], alone[0]) <= ROW_TOL
+    ids, mask = left_padded(random_ids((3, 33), 4, low=1))
+    full, _ = assert_padded_rows_decode_like_rows_alone(model, ids, mask, 7)
     # the gate acts: without it (same weights otherwise) the logits differ
     plain = tiny_linearized("llama", attention=attention, sinks=0 if attention == "linear" else 2)
     plain.load_state_dict(model.state_dict(), strict=False)
@@ -357,18 +354,8 @@ def test_linear_term_without_rope_decodes_like_full_forward(attention, family):
     """linear_rope=False: φ reads q and k before RoPE (the decode ring keeps those keys too); decode == full forward,
     padded rows == rows alone, and the features really differ from the rotated ones."""
     model = tiny_linearized(family, attention=attention, linear_rope=False)
-    ids = random_ids((3, 31), 6, low=1)
-    pads = [5, 0, 2]
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        mask[row, :pad] = 0
-        ids[row, :pad] = 0
-    logits, _ = incremental_logits(model, ids, 7, attention_mask=mask)
-    full = full_logits(model, ids, mask)
-    for row, pad in enumerate(pads):
-        alone = full_logits(model, ids[row : row + 1, pad:])
-        assert relative_error(logits[row, pad:], alone[0]) <= TOL
-        assert relative_error(full[row, pad:], alone[0]) <= ROW_TOL
+    ids, mask = left_padded(random_ids((3, 31), 6, low=1))
+    full, _ = assert_padded_rows_decode_like_rows_alone(model, ids, mask, 7)
     rotated = tiny_linearized(family, attention=attention)
     rotated.load_state_dict(model.state_dict())
     assert relative_error(full_logits(rotated, ids[1:2]), full[1:2]) > 1e-4
@@ -380,19 +367,9 @@ def test_recall_cache_decode_matches_full_forward_and_padded_rows_match_rows_alo
     forward (block by block), left-padded rows == rows alone; with autograd on the layer computes without the
     cache, as it trains; the cache changes the output."""
     model = tiny_linearized(family, recall_cache=3, sinks=1)
-    ids = random_ids((3, 40), 8, low=1)
-    pads = [5, 0, 2]
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        mask[row, :pad] = 0
-        ids[row, :pad] = 0
+    ids, mask = left_padded(random_ids((3, 40), 8, low=1))
     for prompt in (7, 13):
-        logits, cache = incremental_logits(model, ids, prompt, attention_mask=mask)
-        full = full_logits(model, ids, mask)
-        for row, pad in enumerate(pads):
-            alone = full_logits(model, ids[row : row + 1, pad:])
-            assert relative_error(logits[row, pad:], alone[0]) <= TOL
-            assert relative_error(full[row, pad:], alone[0]) <= ROW_TOL
+        _, cache = assert_padded_rows_decode_like_rows_alone(model, ids, mask, prompt)
     assert all(layer.state.recall_keys.shape[2] == 3 for layer in cache.layers if isinstance(layer, RecurrentLayer))
     plain = tiny_linearized(family, sinks=1)
     plain.load_state_dict(model.state_dict())
