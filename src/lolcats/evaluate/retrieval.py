@@ -81,13 +81,14 @@ def retrieval_prompt(tokenizer, task: str, *, context: int, depth: float, trial:
     names = rng.sample(NAMES, needles)
     texts = [_needle(task, key, name) for key, name in zip(keys, names)]
     question = _question(task, names[0])
+    # The other needles' places, as fractions of the filler: drawn once, so every length tried below puts them
+    # at the same fractions and the prompt finally built is the one whose length was measured.
+    fractions = [rng.random() for _ in texts[1:]]
 
     def build(sentences: int) -> tuple[str, str]:
         """(prompt, the text before the asked-for needle) with ``sentences`` filler sentences."""
-        # Needle i goes before filler sentence slot[i]: the asked-for one at the depth, the others at seeded
-        # random places (drawn from a copy of the RNG so every length tried draws the same fractions).
-        draw = random.Random(rng.random())
-        slots = [round(depth * sentences)] + [round(draw.random() * sentences) for _ in texts[1:]]
+        # Needle i goes before filler sentence slot[i]: the asked-for one at the depth, the others at their fractions.
+        slots = [round(depth * sentences)] + [round(fraction * sentences) for fraction in fractions]
         parts, before = [INSTRUCTION], None
         for index in range(sentences + 1):
             for needle, slot in enumerate(slots):
