@@ -413,7 +413,7 @@ def hybrid_attention_step(
             mask = torch.cat([mask, cache.recall_positions >= 0], dim=-1)
         weights = gamma_per_head(gamma, num_heads, v.device).view(1, num_heads, 1) * softmax_terms(scores, mask)
         den = weights.sum(-1)
-        recall_weights, weights = weights[..., weights.shape[-1] - held:], weights[..., :weights.shape[-1] - held]
+        weights, recall_weights = weights.split([weights.shape[-1] - held, held], dim=-1)
         num = (_by_kv_group(weights, num_kv_heads) @ values.float()).flatten(1, 2)  # (B, H, Dv)
         if held:
             num = num + (recall_weights.unsqueeze(-2) @ cache.recall_values.float()).squeeze(-2)
