@@ -5,6 +5,10 @@
 # training-free window / window + sinks rows). Results: benchmarks/results/long-eval-NAME-VARIANT.{json,md}.
 # Usage: bash benchmarks/student_variants.sh NAME [LIMIT] -- LINEARIZE ARGS (model, data, budget)
 #   e.g. bash benchmarks/student_variants.sh gemma3-270m 20 -- --config gemma3-270m-cpu
+# VARIANT_TEXT=FILE evaluates each run with benchmarks/text_eval.sh on FILE instead (perplexity and loss by
+# position at 512/1024/2048 tokens: minutes, not hours), e.g. for stories260k:
+#   VARIANT_TEXT=../shared/data/tinystories_valid.txt bash benchmarks/student_variants.sh stories260k 0 -- --config stories260k-cpu
+# VARIANTS="lolcats gate-sinks4" runs only those.
 set -euo pipefail
 name=$1
 limit=${2:-20}
@@ -14,17 +18,29 @@ lolcats=${LOLCATS:-.venv/bin/lolcats}
 declare -A variants=(
   [lolcats]=""
   [sinks4]="--sinks 4"
+  [window128]="--window 128"
+  [window256]="--window 256"
   [window128-sinks4]="--window 128 --sinks 4"
   [window256-sinks4]="--window 256 --sinks 4"
   [gate-sinks4]="--gate scalar --sinks 4"
   [gate-sinks4-norope]="--gate scalar --sinks 4 --no-linear-rope"
+  [gate]="--gate scalar"
+  [lizard]="--window 128 --sinks 4 --gate scalar --no-linear-rope"
 )
-for variant in lolcats sinks4 window128-sinks4 window256-sinks4 gate-sinks4 gate-sinks4-norope; do
+evaluate() {  # RUN NAME
+  if [ -n "${VARIANT_TEXT:-}" ]; then
+    bash "$(dirname "$0")/text_eval.sh" "$1" "$2" "$VARIANT_TEXT"
+  else
+    bash "$(dirname "$0")/long_eval.sh" "$1" "$2" "$limit"
+  fi
+}
+for variant in ${VARIANTS:-lolcats sinks4 window128 window256 window128-sinks4 window256-sinks4 gate gate-sinks4 gate-sinks4-norope lizard}; do
   run=runs/variants/$name-$variant
   # shellcheck disable=SC2086
   "$lolcats" linearize "$@" ${variants[$variant]} --out "$run" --quiet
-  bash "$(dirname "$0")/long_eval.sh" "$run" "$name-$variant" "$limit"
+  evaluate "$run" "$name-$variant"
 done
 # the recall cache needs no training: the sinks run again, evaluated with 64 cached keys per head
-run=runs/variants/$name-sinks4
-LOLCATS_EVAL_ARGS="--recall-cache 64" bash "$(dirname "$0")/long_eval.sh" "$run" "$name-sinks4-recall64" "$limit"
+if [ -d "runs/variants/$name-sinks4" ]; then
+  LOLCATS_EVAL_ARGS="--recall-cache 64" evaluate "runs/variants/$name-sinks4" "$name-sinks4-recall64"
+fi
