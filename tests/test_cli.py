@@ -10,7 +10,7 @@ def test_help_lists_only_working_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     commands = {command.name or command.callback.__name__ for command in app.registered_commands}
-    assert commands == {"convert", "linearize", "export", "generate", "eval", "lm-eval", "report"}
+    assert commands == {"convert", "linearize", "rank-layers", "export", "generate", "eval", "lm-eval", "report"}
     assert sorted(group.name for group in app.registered_groups) == ["bench", "blockwise"]
     for name in commands | {"bench", "blockwise"}:
         assert name in result.output

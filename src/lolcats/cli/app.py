@@ -9,7 +9,8 @@ from transformers.utils import logging
 app = typer.Typer(
     help="Linearize pretrained causal LMs (LoLCATs): `linearize` (attention transfer + LoRA), `generate` "
     "(constant-memory decoding), `eval` / `lm-eval` / `report` (quality against the teacher), `bench decode` "
-    "(latency and cache size against context), `convert` (conversion check).",
+    "(latency and cache size against context), `rank-layers` (which layers to keep softmax), `convert` "
+    "(conversion check).",
     no_args_is_help=True,
     add_completion=False,
 )

@@ -22,7 +22,7 @@ import typer
 
 from ..artifacts import base_model_spec, is_linearized_folder, load_model
 from ..evaluate.report import plot_decode
-from ..runtime.cache import cache_nbytes
+from ..runtime.cache import RecurrentLayer, cache_nbytes
 from .app import app, fail
 
 
@@ -144,6 +144,28 @@ def measure_decode_steps(model, contexts: list[int], *, new_tokens: int = 16, wa
     }
 
 
+@torch.no_grad()
+def cache_bytes_by_context(model, contexts: list[int], *, probe: int = 320) -> list[int]:
+    """The generation cache's bytes after prefilling each context (batch 1), without prefilling it: one
+    ``probe``-token prefill measures each layer; a linearized layer's state does not grow, a softmax layer holds
+    a key and value per token, up to what its sliding window keeps (transformers keeps ``sliding_window - 1``)."""
+    out = model(_prompt(model, probe), use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    constant, per_token, caps = 0, [], []
+    for layer in cache.layers:
+        if isinstance(layer, RecurrentLayer):
+            constant += layer.nbytes()
+            continue
+        held = layer.keys.shape[-2]
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and held >= window - 1:
+            raise ValueError(f"the {probe}-token probe fills a {window}-token sliding window: use a shorter probe")
+        per_token.append((layer.keys.numel() + layer.values.numel()) * layer.keys.element_size() // held)
+        caps.append(None if window is None else window - 1)
+    return [constant + sum(size * (context if cap is None else min(context, cap)) for size, cap in zip(per_token, caps))
+            for context in contexts]
+
+
 def bench_decode(models: dict, contexts: list[int], *, new_tokens: int = 16, echo=print) -> dict:
     """``models``: name -> model (e.g. linearized, teacher). Result in the `lolcats bench decode` JSON layout."""
     result: dict = {"contexts": list(contexts), "new_tokens": new_tokens, "threads": torch.get_num_threads()}
@@ -207,3 +229,32 @@ def decode_command(
     if plot:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_decode(result, plot)
+
+
+@bench.command("cache")
+def cache_command(
+    model: str = typer.Option(..., help="A linearized output folder (its base model is measured beside it) or a base model."),
+    contexts: str = typer.Option("8192,32768", help="Comma-separated context lengths."),
+    teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also the base model, for a linearized folder."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+) -> None:
+    """Generation-cache bytes at each context, from one short prefill (no long prefill needed): what keeping
+    layers as softmax costs in memory, beside the teacher's full KV cache."""
+    try:
+        context_list = [int(c) for c in contexts.split(",") if c.strip()]
+        if not context_list or min(context_list) < 1:
+            raise ValueError(f"--contexts needs positive integers, got {contexts!r}")
+        models = {"model": load_model(model)}
+        if teacher and is_linearized_folder(model):
+            models["teacher"] = load_model(base_model_spec(model),
+                                           dtype=models["model"].get_input_embeddings().weight.dtype)
+        result = {"model": model, "contexts": context_list}
+        for name, loaded in models.items():
+            result[name] = cache_bytes_by_context(loaded, context_list)
+            for context, size in zip(context_list, result[name]):
+                typer.echo(f"{name:>8}  cache after {context:>7} tokens: {size / 2**20:10.2f} MiB")
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        fail(err)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -13,6 +13,7 @@ from ..training.blockwise import blockwise_collect, blockwise_stitch, blockwise_
 from ..training.config import RunConfig
 from ..training.distributed import init_from_environment
 from ..training.linearize import linearize as run_linearize
+from ..training.linearize import rank_layers
 from ..training.loop import TrainingError
 from .app import app, fail
 
@@ -47,11 +48,24 @@ def run_config(config: Optional[str], flags: dict, resume: bool = False):
     return RunConfig(**settings)
 
 
-def _layer_list(text: str) -> list[int]:
+def softmax_layer_flags(text: str | None) -> dict:
+    """--softmax-layers: comma-separated layer indices, or auto:K (K layers, or a fraction below 1 of the
+    converted ones, chosen by the ranking after stage 1)."""
+    if text is None:
+        return {}
+    if text.startswith("auto:"):
+        try:
+            count = float(text[len("auto:"):])
+        except ValueError:
+            count = -1.0
+        if count <= 0 or (count >= 1 and count != int(count)):
+            raise typer.BadParameter(f"--softmax-layers auto:K takes a whole number of layers or a fraction below 1, "
+                                     f"got {text!r}")
+        return {"softmax_auto": count}
     try:
-        return [int(item) for item in text.split(",") if item.strip()]
+        return {"softmax_layers": [int(item) for item in text.split(",") if item.strip()]}
     except ValueError:
-        raise typer.BadParameter(f"--softmax-layers takes comma-separated layer indices, got {text!r}") from None
+        raise typer.BadParameter(f"--softmax-layers takes comma-separated layer indices or auto:K, got {text!r}") from None
 
 
 _MODEL_HELP = "Local HF folder, hub id or .gguf file (default: the packaged Gemma-3-270M)."
@@ -78,7 +92,8 @@ def linearize_command(
     feature_dim: Optional[int] = typer.Option(None, help="Feature-map width per head (default 64; hedgehog gives 2x)."),
     gamma_init: Optional[float] = typer.Option(None, help="Initial weight γ of the softmax window against the linear term (default 0.1)."),
     chunk_size: Optional[int] = typer.Option(None, help="Chunk length of the O(L) attention path (default 64)."),
-    softmax_layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices that keep softmax attention."),
+    softmax_layers: Optional[str] = typer.Option(None, help="Comma-separated layer indices that keep softmax attention, or auto:K: after stage 1, keep the K layers whose linearization alone costs most (see `lolcats rank-layers`; K below 1 is a fraction of the converted layers)."),
+    rank_by: Optional[str] = typer.Option(None, help="What auto:K ranks by: kl (held-out KL to the teacher, default) | passkey (a retrieval probe past the window)."),
     local_layers: Optional[str] = typer.Option(None, help="keep | linearize: a local/global model's sliding-window layers."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per training sequence (default 512)."),
     batch_tokens: Optional[int] = typer.Option(None, help="Tokens per optimizer step (default 4096)."),
@@ -109,7 +124,7 @@ def linearize_command(
     flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
                  attention=attention, feature_map=feature_map, window=window, sinks=sinks, gate=gate, linear_rope=linear_rope, recall_cache=recall_cache, feature_dim=feature_dim,
                  gamma_init=gamma_init, chunk_size=chunk_size, local_layers=local_layers,
-                 softmax_layers=None if softmax_layers is None else _layer_list(softmax_layers),
+                 **softmax_layer_flags(softmax_layers), rank_by=rank_by,
                  seq_len=seq_len,
                  batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens,
                  activation_checkpointing=activation_checkpointing, dtype=dtype, stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,
@@ -117,6 +132,38 @@ def linearize_command(
                  activations=str(activations) if activations else None)
     try:
         run_linearize(run_config(config, flags, resume), echo=typer.echo, progress=not quiet)
+    except (ValueError, FileNotFoundError, NotImplementedError, TrainingError) as err:
+        fail(err)
+
+
+@app.command("rank-layers")
+def rank_layers_command(
+    model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
+    data: Optional[list[Path]] = typer.Option(None, help="Text (.txt or .jsonl) for stage 1 and the held-out KL; repeatable."),
+    out: Optional[Path] = typer.Option(None, help="Folder for ranking.json (and stage 1's logs)."),
+    config: Optional[str] = typer.Option(None, help=_CONFIG_HELP),
+    tokens: Optional[int] = typer.Option(None, help="Stage-1 tokens before ranking (default: the recipe's stage1_tokens)."),
+    rank_tokens: Optional[int] = typer.Option(None, help="Held-out tokens the KL is measured on (default 8192)."),
+    probe: bool = typer.Option(False, "--probe", help="Also score a passkey probe past the window for each layer."),
+    probe_context: Optional[int] = typer.Option(None, help="Passkey prompt length of the probe in tokens (default 1024)."),
+    rank_by: Optional[str] = typer.Option(None, help="kl (default) | passkey (implies --probe)."),
+    window: Optional[int] = typer.Option(None, help="Softmax window (default 64), as `linearize`."),
+    sinks: Optional[int] = typer.Option(None, help="Attention sinks (default 0), as `linearize`."),
+    gate: Optional[str] = typer.Option(None, help="none | scalar, as `linearize`."),
+    local_layers: Optional[str] = typer.Option(None, help="keep | linearize: rank a local/global model's sliding-window layers too."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default 512)."),
+    dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float32."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order, split and initialisation."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Score each layer by what linearizing it alone costs: held-out KL to the teacher (and a passkey probe),
+    after a stage 1 of every layer on teacher inputs. Keep the costliest as softmax with --softmax-layers auto:K."""
+    flags = dict(model=model, data=[str(p) for p in data] if data else None, out=str(out) if out else None,
+                 stage1_tokens=tokens, rank_tokens=rank_tokens, probe_context=probe_context, rank_by=rank_by,
+                 window=window, sinks=sinks, gate=gate, local_layers=local_layers, seq_len=seq_len, dtype=dtype,
+                 seed=seed, stage2_tokens=0)
+    try:
+        rank_layers(run_config(config, flags), probe=probe, echo=typer.echo, progress=not quiet)
     except (ValueError, FileNotFoundError, NotImplementedError, TrainingError) as err:
         fail(err)
 

@@ -263,6 +263,47 @@ def _layers_section(manifest: Mapping) -> str:
     )
 
 
+def _ranking(directory: Path, manifest: Mapping) -> dict | None:
+    """The layer ranking of `--softmax-layers auto:K` (in the manifest) or of `lolcats rank-layers` (ranking.json)."""
+    if manifest.get("layer_ranking"):
+        return manifest["layer_ranking"]
+    path = directory / "ranking.json"
+    return _read_json(path) if path.is_file() else None
+
+
+def _ranking_section(ranking: Mapping | None) -> str:
+    if not ranking or not ranking.get("layers"):
+        return ""
+    kept = set(ranking.get("kept") or [])
+    kl = {row["layer"]: row["kl"] for row in ranking["layers"]}
+    probe = all("passkey_nll" in row for row in ranking["layers"])
+    figure, axes = _figure(2 if probe else 1)
+    series = {"linearized": {layer: value for layer, value in kl.items() if layer not in kept}}
+    if kept:
+        series = {"kept as softmax": {layer: kl[layer] for layer in kept}, **series}
+    _layer_bars(axes[0], series, "KL(teacher ‖ model) per token, this layer alone")
+    if probe:
+        nll = {row["layer"]: row["passkey_nll"] for row in ranking["layers"]}
+        _layer_bars(axes[1], {"passkey NLL": nll}, "passkey NLL per key token, this layer alone")
+        teacher = (ranking.get("teacher") or {}).get("passkey_nll")
+        if teacher is not None:
+            axes[1].axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+            axes[1].legend()
+    by_layer = {row["layer"]: row for row in ranking["layers"]}
+    rows = [[str(position), str(layer), _number(by_layer[layer]["kl"], ".5f")]
+            + ([_number(by_layer[layer]["passkey_nll"], ".3f"), _number(by_layer[layer]["passkey_acc"], ".2f")] if probe else [])
+            + (["kept" if layer in kept else ""] if kept else [])
+            for position, layer in enumerate(ranking.get("order") or sorted(kl), 1)]
+    header = ["rank", "layer", "KL"] + (["passkey NLL", "passkey acc"] if probe else []) + (["softmax"] if kept else [])
+    return _section(
+        "Layer ranking",
+        f"<p>What linearizing each layer alone costs after stage 1 (every other layer exact softmax), ranked by "
+        f"{html.escape(str(ranking.get('by', 'kl')))}, over {ranking.get('tokens', 0):,} held-out tokens.</p>",
+        _image(_png(figure), "per-layer cost of linearization"),
+        _table(header, rows, numeric_from=2),
+    )
+
+
 def _head_means(layers: list[dict], key: str) -> dict[int, float]:
     """layer -> mean over heads of ``key``, for the layers that have it."""
     means = {}
@@ -495,9 +536,11 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
     logs = _stage_logs(directory, manifest)
     evals = _eval_results(directory)
     decodes = _decode_results(directory)
+    ranking = _ranking(directory, manifest)
     sections = [
         _manifest_section(manifest),
         _layers_section(manifest),
+        _ranking_section(ranking),
         _training_section(logs),
         _eval_section(evals),
         _baselines_section(evals),

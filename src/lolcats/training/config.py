@@ -70,6 +70,12 @@ class RunConfig(BaseModel):
     # Under a launcher: "ddp" replicates the model in every process; "fsdp" shards it for stage 2 (LoRA), each
     # process holding 1/N of the frozen base weights (stage 1 at scale is block-wise, see block_size).
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # auto:K (`--softmax-layers auto:K`): after stage 1, keep as softmax the K converted layers whose
+    # linearization alone costs most (training/ranking.py): K ≥ 1 layers, or a fraction below 1 of them.
+    softmax_auto: float = Field(0, ge=0)
+    rank_by: Literal["kl", "passkey"] = "kl"
+    rank_tokens: int = Field(8192, ge=1)  # held-out tokens the ranking's KL is measured on
+    probe_context: int = Field(1024, ge=16)  # passkey prompt length of the ranking's retrieval probe
     # stage 2
     stage2_tokens: int = Field(100_000, ge=0)
     stage2_lr: float = Field(1e-4, gt=0)

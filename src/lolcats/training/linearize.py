@@ -31,6 +31,7 @@ from .config import RunConfig
 from .loop import example_data, train_stage
 from .lora import lm_loss_fn, recompute_layers_in_backward, teacher_kl_loss_fn
 from .prepare import prepare
+from .ranking import format_ranking, held_out_batches, layer_costs, passkey_probes, rank, softmax_count
 from .transfer import transfer_loss_fn, transfer_parameters
 
 
@@ -74,23 +75,12 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     echo(f"converted layers {[layer.layer_idx for layer in layers]}")
     stages: dict[str, dict] = {}
 
-    stage1 = run.stage1()
     if run.stage1_tokens > 0 and any(layer.use_linear for layer in layers):
-        if run.block_size:
-            stages["stage1"] = blockwise_stage1(run, prepared, echo=echo, progress=progress)
-            echo(f"stage 1 (block-wise, {run.block_size} layer(s) a block): "
-                 + ", ".join(f"block {b} eval loss {r['first_eval_loss']:.4g} -> {r['best_eval_loss']:.4g}"
-                             for b, r in stages["stage1"]["blocks"].items()))
-        else:
-            result = train_stage(
-                transfer_parameters(model), transfer_loss_fn(model, mse_scale=run.mse_scale, attention_ce=run.attention_ce),
-                example_data(train, held, stage1, seed=run.seed, pad_id=pad_id), stage1,
-                run_dir=out, resume=run.resume, progress=progress,
-            )
-            stages["stage1"] = result.summary()
-            echo(f"stage 1: {result.tokens:,} tokens, {result.tokens_per_s:.0f} tok/s, eval loss "
-                 f"{result.first_eval_loss:.4g} -> {result.best_eval_loss:.4g} (best at step {result.best_step})")
+        stages["stage1"] = attention_transfer(run, prepared, model, echo=echo, progress=progress)
     set_attention_mode(model, "linear")
+    ranking = None
+    if run.softmax_auto:
+        model, conversion, ranking = keep_costliest_layers(run, prepared, model, conversion, echo=echo)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -131,6 +121,7 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
         "data": {"files": prepared.data_files, "documents": prepared.documents, "train_tokens": count_tokens(train),
                  "held_out_tokens": count_tokens(held)},
         "stages": stages,
+        **({"layer_ranking": ranking} if ranking else {}),
         "versions": _versions(),
         "metrics": {"layers": diagnostics},
         "processes": distributed.world_size(),
@@ -155,6 +146,78 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     echo(f"saved {out / ADAPTER} and {out / 'lolcats.json'}")
     distributed.barrier()
     return manifest
+
+
+def rank_layers(run: RunConfig, *, probe: bool = False, echo: Callable[[str], None] = print,
+                progress: bool = True) -> dict:
+    """`lolcats rank-layers`: convert, stage 1 on every converted layer, then what linearizing each layer alone
+    costs; writes run.out/ranking.json (read by `lolcats report`) and returns it."""
+    started = time.perf_counter()
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(run, echo)
+    model = convert(prepared.model, run.conversion)
+    if not any(layer.use_linear for layer in linearized_layers(model)):
+        raise ValueError("no converted layer has a linear term: there is nothing to rank")
+    stage1 = attention_transfer(run, prepared, model, echo=echo, progress=progress) if run.stage1_tokens else None
+    ranking = rank_converted_layers(run, prepared, model, probe=probe, echo=echo)
+    result = {"base_model": {"spec": run.model, **prepared.base_fingerprint}, "conversion": run.conversion.model_dump(mode="json"),
+              "seed": run.seed, "stage1": stage1, **ranking, "seconds": time.perf_counter() - started}
+    atomic_write_json(out / "ranking.json", result)
+    echo(format_ranking(ranking, ranking["order"]))
+    echo(f"saved {out / 'ranking.json'} ({result['seconds']:.0f} s)")
+    return result
+
+
+def attention_transfer(run: RunConfig, prepared, model, *, echo=print, progress: bool = True) -> dict:
+    """Stage 1 on every converted layer (jointly, or block-wise from stored activations); its summary."""
+    if run.block_size:
+        summary = blockwise_stage1(run, prepared, echo=echo, progress=progress)
+        echo(f"stage 1 (block-wise, {run.block_size} layer(s) a block): "
+             + ", ".join(f"block {b} eval loss {r['first_eval_loss']:.4g} -> {r['best_eval_loss']:.4g}"
+                         for b, r in summary["blocks"].items()))
+        return summary
+    stage1 = run.stage1()
+    result = train_stage(
+        transfer_parameters(model), transfer_loss_fn(model, mse_scale=run.mse_scale, attention_ce=run.attention_ce),
+        example_data(prepared.train, prepared.held, stage1, seed=run.seed, pad_id=prepared.pad_id), stage1,
+        run_dir=Path(run.out), resume=run.resume, progress=progress,
+    )
+    echo(f"stage 1: {result.tokens:,} tokens, {result.tokens_per_s:.0f} tok/s, eval loss "
+         f"{result.first_eval_loss:.4g} -> {result.best_eval_loss:.4g} (best at step {result.best_step})")
+    return result.summary()
+
+
+def rank_converted_layers(run: RunConfig, prepared, model, *, probe: bool = False, echo=print) -> dict:
+    """What linearizing each converted layer alone costs (training/ranking.py), after stage 1; with the order."""
+    batches = held_out_batches(prepared.held, prepared.pad_id, batch_tokens=run.micro_batch_tokens or run.batch_tokens,
+                               max_tokens=run.rank_tokens)
+    probes = passkey_probes(prepared.tokenizer, context=run.probe_context) if probe or run.rank_by == "passkey" else None
+    costs = layer_costs(model, batches, probes=probes, echo=echo)
+    return {**costs, "by": run.rank_by, "order": rank(costs, run.rank_by),
+            **({"probe_context": run.probe_context} if probes else {})}
+
+
+def keep_costliest_layers(run: RunConfig, prepared, model, conversion, *, echo=print):
+    """``softmax_auto``: rank the converted layers, then rebuild the model with the K costliest kept as softmax
+    (their trained φ and γ dropped, the others' kept); returns (model, conversion, ranking)."""
+    if distributed.world_size() > 1:
+        raise ValueError("--softmax-layers auto:K runs in one process; rank first (lolcats rank-layers), then pass "
+                         "the chosen layers to a distributed run")
+    ranking = rank_converted_layers(run, prepared, model, echo=echo)
+    count = softmax_count(run.softmax_auto, len(ranking["order"]))
+    chosen = sorted(ranking["order"][:count])
+    ranking["kept"] = chosen
+    echo(f"keeping as softmax the {count} layer(s) whose linearization costs most ({run.rank_by}): {chosen}")
+    conversion = conversion.model_copy(update={"softmax_layers": tuple(sorted({*conversion.softmax_layers, *chosen}))})
+    trained = {name: p.detach() for name, p in transfer_parameters(model).items()}
+    device = next(model.parameters()).device
+    # (the base loads a second time: for a moment there are two copies of the weights)
+    rebuilt = convert(load_base_model(run.model, dtype=run.torch_dtype()).to(device), conversion)
+    for name, parameter in transfer_parameters(rebuilt).items():
+        parameter.data.copy_(trained[name])
+    prepared.model = rebuilt
+    return rebuilt, conversion, ranking
 
 
 def _silent(message: str) -> None:
