@@ -4,17 +4,21 @@
 # teacher, the linearized model and the training-free window and window + 4 sinks rows, in one `lolcats eval`.
 # Writes RUN/eval-long.json (read by `lolcats report`) and benchmarks/results/long-eval-NAME.{json,md}.
 # Usage: bash benchmarks/long_eval.sh RUN NAME [LIMIT]   (Gemma-3-270M: about 70 minutes on 2 cores)
-# LOLCATS_EVAL_ARGS adds flags to the evaluation (e.g. "--recall-cache 64").
+# LOLCATS_EVAL_ARGS adds flags to the evaluation (e.g. "--recall-cache 64"); LOLCATS_BASELINES picks the
+# baseline rows (default teacher,window,sinks; "none" for the model alone, when another run measured them).
 set -euo pipefail
 run=$1
 name=$2
 limit=${3:-20}
 lolcats=${LOLCATS:-.venv/bin/lolcats}
 shared=$(cd "$(dirname "$0")/../.." && pwd)/shared
+baselines="--baselines ${LOLCATS_BASELINES:-teacher,window,sinks}"
+[ "${LOLCATS_BASELINES:-}" = none ] && baselines=""
+# shellcheck disable=SC2086
 "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu,passkey,multikey --num-fewshot 5 \
   --limit "$limit" --seq-len 8192 --contexts 1024,2048,4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 \
   --text "$shared/data/wikitext2_valid_tok.txt" --max-text-tokens 65536 --position-buckets --no-fidelity \
-  --baselines teacher,window,sinks --batch-size 8 ${LOLCATS_EVAL_ARGS:-} --json "$run/eval-long.json"
+  $baselines --batch-size 8 ${LOLCATS_EVAL_ARGS:-} --json "$run/eval-long.json"
 mkdir -p benchmarks/results
 cp "$run/eval-long.json" "benchmarks/results/long-eval-$name.json"
 .venv/bin/python benchmarks/long_eval_md.py "$name" "$run/eval-long.json" > "benchmarks/results/long-eval-$name.md"

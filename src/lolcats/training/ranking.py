@@ -102,7 +102,9 @@ def layer_costs(model, batches: list, *, probes: list | None = None,
             for batch, scored, teacher in zip(batches, scored_rows, teacher_hidden):
                 hidden = final_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device))[:, :-1][scored]
                 kl += float(next_token_loss_sum(model, hidden, teacher_hidden=teacher))
-            row = {"layer": layer.layer_idx, "kl": kl / max(total, 1)}
+            # A teacher layer with a sliding window (Gemma 3's local layers under local_layers=linearize) kept as
+            # softmax keeps that window: constant memory either way, so the choice costs no cache growth.
+            row = {"layer": layer.layer_idx, "kl": kl / max(total, 1), "teacher_window": layer.teacher_window}
             if probes:
                 row["passkey_nll"], row["passkey_acc"] = _probe_scores(model, probes, device)
             layer.mode = "softmax"
@@ -143,8 +145,10 @@ def format_ranking(costs: dict, order: list[int]) -> str:
     lines = ["rank  layer        KL" + ("   passkey NLL  acc" if probe else "")]
     for position, layer in enumerate(order, 1):
         row = by_layer[layer]
+        window = row.get("teacher_window")
         lines.append(f"{position:>4}  {layer:>5}  {row['kl']:.6f}"
-                     + (f"  {row['passkey_nll']:>12.3f}  {row['passkey_acc']:.2f}" if probe else ""))
+                     + (f"  {row['passkey_nll']:>12.3f}  {row['passkey_acc']:.2f}" if probe else "")
+                     + (f"  (local: teacher window {window})" if window else ""))
     teacher = costs.get("teacher") or {}
     if teacher:
         lines.append(f"teacher passkey NLL {teacher['passkey_nll']:.3f}, acc {teacher['passkey_acc']:.2f}")
