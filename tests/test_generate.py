@@ -7,6 +7,7 @@ chunked (prefill) and recurrent (decode) paths, so logits agree to BF16_RTOL of 
 greedy sequences are compared up to their first difference (a near-tie), scores included.
 """
 
+import math
 import os
 
 import pytest
@@ -335,6 +336,27 @@ def test_decay_gate_decode_matches_full_forward_and_padded_rows_match_rows_alone
     plain = tiny_linearized("llama", attention=attention, sinks=0 if attention == "linear" else 2)
     plain.load_state_dict(model.state_dict(), strict=False)
     assert relative_error(full_logits(plain, ids[1:2]), full[1:2]) > 1e-3
+
+
+def test_decay_gate_forgets_at_most_one_horizon_per_token_and_keeps_its_gradient():
+    """However shut the gate, the per-token decay stays ≥ 1 − 1/MIN_HORIZON, so the linear term (and φ's
+    gradient through it) never vanishes; a new gate is exactly 1."""
+    from lolcats.runtime.gate import MIN_HORIZON, DecayGate
+
+    gate = DecayGate(8, 2)
+    x = torch.randn(1, 5, 8) * 100
+    assert torch.equal(gate(x), torch.zeros(1, 2, 5))
+    gate.scale.data.fill_(50.0)
+    gate.proj.weight.data.fill_(1.0)
+    gate.proj.bias.data.fill_(-100.0)
+    log_decay = gate(x)
+    floor = math.log1p(-1 / MIN_HORIZON)
+    assert (log_decay >= floor - 1e-6).all() and (log_decay <= 0).all()
+    assert torch.allclose(log_decay.min(), torch.tensor(floor), atol=1e-6)  # fully shut: exactly the floor
+    gate.proj.bias.data.fill_(0.0)
+    gate.scale.data.fill_(1.0)
+    middle = gate(torch.zeros(1, 1, 8))  # σ(0) = 1/2: g = 1 − (1/2) / MIN_HORIZON
+    assert torch.allclose(middle, torch.full_like(middle, math.log1p(-0.5 / MIN_HORIZON)))
 
 
 def test_decay_gate_trains_in_stage_one_and_stays_fp32_in_bf16():
