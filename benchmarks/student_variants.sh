@@ -8,7 +8,7 @@
 # VARIANT_TEXT=FILE evaluates each run with benchmarks/text_eval.sh on FILE instead (perplexity and loss by
 # position at 512/1024/2048 tokens: minutes, not hours), e.g. for stories260k:
 #   VARIANT_TEXT=../shared/data/tinystories_valid.txt bash benchmarks/student_variants.sh stories260k 0 -- --config stories260k-cpu
-# VARIANTS="lolcats gate-sinks4" runs only those.
+# VARIANT_SEQ_LENS=512,2048,8192 sets its window lengths. VARIANTS="lolcats gate-sinks4" runs only those.
 set -euo pipefail
 name=$1
 limit=${2:-20}
@@ -29,7 +29,7 @@ declare -A variants=(
 )
 evaluate() {  # RUN NAME
   if [ -n "${VARIANT_TEXT:-}" ]; then
-    bash "$(dirname "$0")/text_eval.sh" "$1" "$2" "$VARIANT_TEXT"
+    bash "$(dirname "$0")/text_eval.sh" "$1" "$2" "$VARIANT_TEXT" "${VARIANT_SEQ_LENS:-512,1024,2048}"
   else
     bash "$(dirname "$0")/long_eval.sh" "$1" "$2" "$limit"
   fi
