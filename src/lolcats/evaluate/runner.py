@@ -77,7 +77,8 @@ def baseline_model(spec: str, name: str):
     if name == "teacher":
         return base.eval()
     sinks = 0 if name == "window" else max(BASELINE_SINKS, conversion.sinks)
-    return convert(base, conversion, attention="window", sinks=sinks).eval()
+    # No linear term: nothing for a decay gate or a recall cache to act on.
+    return convert(base, conversion, attention="window", sinks=sinks, gate="none", recall_cache=0).eval()
 
 
 def _position_sample(tokenizer, path: str | Path, max_tokens: int | None) -> list[int]:
