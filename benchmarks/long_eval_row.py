@@ -1,0 +1,20 @@
+"""One baseline row of benchmarks/long_eval.sh for a run, or part of it, in its own process (same code and
+settings as the `lolcats eval` of the other rows). Usage: row_part.py SPEC ROW PARTS OUT (PARTS: text,mmlu)"""
+import json, sys, time
+from lolcats.artifacts import tokenizer_for
+from lolcats.evaluate.runner import _evaluate, baseline_model
+from lolcats.evaluate.tasks import load_task
+spec, name, parts, out = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+shared = "/work/shared/data"
+tokenizer = tokenizer_for(spec)
+model = baseline_model(spec, name)
+started = time.perf_counter()
+row = _evaluate(model, tokenizer, texts=[f"{shared}/wikitext2_valid_tok.txt"] if "text" in parts else [],
+                loaded_tasks=[load_task(f"{shared}/eval/mmlu.jsonl")] if "mmlu" in parts else [],
+                limit=20, num_fewshot=5, seq_len=8192, stride=None, max_text_tokens=65536, batch_size=8,
+                position_edges=[] if "text" in parts else None,
+                retrieval={"tasks": [], "contexts": [], "depths": [], "trials": 1, "seed": 0},
+                echo=lambda line: print(f"  [{name}]", line, flush=True))
+settings = model.lolcats_config
+json.dump({"window": settings.window, "sinks": settings.sinks, **row, "seconds": time.perf_counter() - started},
+          open(out, "w"), indent=2)
