@@ -57,10 +57,9 @@ def softmax_layer_flags(text: str | None) -> dict:
         try:
             count = float(text[len("auto:"):])
         except ValueError:
-            count = -1.0
-        if count <= 0 or (count >= 1 and count != int(count)):
-            raise typer.BadParameter(f"--softmax-layers auto:K takes a whole number of layers or a fraction below 1, "
-                                     f"got {text!r}")
+            count = 0.0
+        if not count > 0:  # RunConfig checks the rest (whole number, or a fraction below 1)
+            raise typer.BadParameter(f"--softmax-layers auto:K takes a number of layers above 0, got {text!r}")
         return {"softmax_auto": count}
     try:
         return {"softmax_layers": [int(item) for item in text.split(",") if item.strip()]}

@@ -130,9 +130,7 @@ def rank(costs: dict, by: str = "kl") -> list[int]:
 
 def softmax_count(spec: float, candidates: int) -> int:
     """K of ``auto:K``: a count (K ≥ 1), or a fraction (0 < K < 1) of the candidate layers, rounded."""
-    count = round(spec * candidates) if 0 < spec < 1 else int(spec)
-    if spec != count and not 0 < spec < 1:
-        raise ValueError(f"auto:{spec}: give a whole number of layers or a fraction below 1")
+    count = round(spec * candidates) if spec < 1 else int(spec)
     if count > candidates:
         raise ValueError(f"auto:{count} keeps more layers than the {candidates} converted ones")
     return count
