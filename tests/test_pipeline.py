@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lolcats
-from lolcats.artifacts import ADAPTER, MANIFEST, ArtifactError, save_adapter
+from lolcats.artifacts import ADAPTER, CONVERSION_BEFORE_OPTIONS, MANIFEST, ArtifactError, save_adapter
 from lolcats.convert import set_attention_mode
 from lolcats.data import IGNORE_INDEX, make_batches
 from lolcats.evaluate import perplexity
@@ -195,6 +195,22 @@ def test_linearize_writes_a_manifest_and_adapter_that_load_back(trained_dir, tin
     unmerged = lolcats.load(out, merge=False)
     torch.testing.assert_close(unmerged(input_ids=ids, use_cache=False).logits, logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(teacher(input_ids=ids).logits, logits, atol=1e-3)
+
+
+def test_a_manifest_from_before_the_student_options_loads_without_them(trained_dir, tmp_path):
+    out, _, _, _ = trained_dir
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    for option in CONVERSION_BEFORE_OPTIONS:
+        manifest["conversion"].pop(option)
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    loaded = lolcats.load(old)
+    assert {option: getattr(loaded.lolcats_config, option) for option in CONVERSION_BEFORE_OPTIONS} == \
+        CONVERSION_BEFORE_OPTIONS
+    ids = torch.tensor([[1, 403, 407, 261, 378] * 30])
+    torch.testing.assert_close(loaded(input_ids=ids, use_cache=False).logits,
+                               lolcats.load(out)(input_ids=ids, use_cache=False).logits, rtol=0, atol=0)
 
 
 def test_the_loaded_artifact_is_the_model_the_run_trained(trained_dir, tiny):

@@ -142,6 +142,10 @@ def matches_fingerprint(model: nn.Module, recorded: Mapping[str, str]) -> str | 
     return None if same else "weights"
 
 
+# conversion options added after format_version 1, with the behaviour of the code that predates them
+CONVERSION_BEFORE_OPTIONS = {"sinks": 0, "gate": "none", "linear_rope": True, "recall_cache": 0}
+
+
 def save_adapter(directory: Path, model: nn.Module, manifest: Mapping) -> None:
     """Write adapter.safetensors (trained tensors only) and then lolcats.json, each atomically."""
     directory = Path(directory)
@@ -159,6 +163,9 @@ def read_manifest(directory: Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON ({err})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
+    if isinstance(manifest.get("conversion"), dict):
+        # A manifest written before an option existed was trained without it, whatever today's default is.
+        manifest["conversion"] = {**CONVERSION_BEFORE_OPTIONS, **manifest["conversion"]}
     return manifest
 
 
