@@ -17,8 +17,11 @@ from lolcats.training.linearize import linearize
 from lolcats.convert import lora_parameters
 
 # fp32 whatever the machine ("auto" picks bf16 where the CPU computes it natively): the comparisons are exact.
+# LoLCATs as published (no decay gate): the curves must agree to 1e-5, and a new gate's first Adam steps act on
+# gradients near zero, whose rounding differs between one process and two (measured: 0.3% apart after 4 steps).
 SETTINGS = dict(seq_len=256, packing="stream", dtype="float32", batch_tokens=1024, eval_tokens=4096, eval_every=4,
-                held_out=16, stage1_tokens=8000, stage2_tokens=4000, stage1_lr=0.02, stage2_lr=0.002)
+                held_out=16, stage1_tokens=8000, stage2_tokens=4000, stage1_lr=0.02, stage2_lr=0.002,
+                conversion={"sinks": 0, "gate": "none", "linear_rope": True})
 
 
 @pytest.fixture(scope="module")

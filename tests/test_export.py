@@ -43,7 +43,8 @@ def linearized(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("linearized")
     run = lolcats.RunConfig(model=str(tiny.model), data=(str(tiny.train),),
                             out=str(out), seq_len=256, batch_tokens=1024, stage1_tokens=2000, stage2_tokens=1000,
-                            eval_tokens=1024, eval_every=2, held_out=10, dtype="float32")  # exact comparisons
+                            eval_tokens=1024, eval_every=2, held_out=10, dtype="float32",  # exact comparisons
+                            conversion={"window": 32})  # the default student otherwise (sinks, gate, φ before RoPE)
     lolcats.linearize(run, echo=lambda _: None, progress=False)
     return out
 
@@ -212,8 +213,8 @@ def test_bfloat16_export_halves_the_base_weights_and_is_close(linearized, tmp_pa
     size = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
     with safe_open(str(half / "model.safetensors"), framework="pt") as f:
         tensors = {key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape()) for key in f.keys()}
-    learned = {key for key in tensors if "feature_map" in key or "window_logit" in key}
-    assert learned and {tensors[key][0] for key in learned} == {"F32"}  # φ and γ stay fp32
+    learned = {key for key in tensors if "feature_map" in key or "window_logit" in key or "decay_gate" in key}
+    assert learned and {tensors[key][0] for key in learned} == {"F32"}  # φ, γ and the decay gates stay fp32
     assert {dtype for key, (dtype, _) in tensors.items() if key not in learned} == {"BF16"}
     # every base weight takes half its fp32 bytes (the headers differ by a few bytes)
     base_fp32_bytes = sum(4 * math.prod(shape) for key, (_, shape) in tensors.items() if key not in learned)

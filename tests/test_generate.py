@@ -317,7 +317,7 @@ def gated(model, seed=0):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3"])
 def test_decay_gate_at_initialisation_is_exactly_the_model_without_it(family):
-    without = tiny_linearized(family)
+    without = tiny_linearized(family, gate="none")
     with_gate = tiny_linearized(family, gate="scalar")
     missing, unexpected = with_gate.load_state_dict(without.state_dict(), strict=False)
     assert not unexpected and missing and all("decay_gate" in name for name in missing)
@@ -333,7 +333,7 @@ def test_decay_gate_decode_matches_full_forward_and_padded_rows_match_rows_alone
     ids, mask = left_padded(random_ids((3, 33), 4, low=1))
     full, _ = assert_padded_rows_decode_like_rows_alone(model, ids, mask, 7)
     # the gate acts: without it (same weights otherwise) the logits differ
-    plain = tiny_linearized("llama", attention=attention, sinks=0 if attention == "linear" else 2)
+    plain = tiny_linearized("llama", attention=attention, gate="none", sinks=0 if attention == "linear" else 2)
     plain.load_state_dict(model.state_dict(), strict=False)
     assert relative_error(full_logits(plain, ids[1:2]), full[1:2]) > 1e-3
 
@@ -378,7 +378,7 @@ def test_linear_term_without_rope_decodes_like_full_forward(attention, family):
     model = tiny_linearized(family, attention=attention, linear_rope=False)
     ids, mask = left_padded(random_ids((3, 31), 6, low=1))
     full, _ = assert_padded_rows_decode_like_rows_alone(model, ids, mask, 7)
-    rotated = tiny_linearized(family, attention=attention)
+    rotated = tiny_linearized(family, attention=attention, linear_rope=True)
     rotated.load_state_dict(model.state_dict())
     assert relative_error(full_logits(rotated, ids[1:2]), full[1:2]) > 1e-4
 
@@ -388,12 +388,12 @@ def test_recall_cache_decode_matches_full_forward_and_padded_rows_match_rows_alo
     """recall_cache=3 with the terrace window of 4: decode (re-selecting at each row's block starts) == the full
     forward (block by block), left-padded rows == rows alone; with autograd on the layer computes without the
     cache, as it trains; the cache changes the output."""
-    model = tiny_linearized(family, recall_cache=3, sinks=1)
+    model = tiny_linearized(family, recall_cache=3, sinks=1, gate="none")
     ids, mask = left_padded(random_ids((3, 40), 8, low=1))
     for prompt in (7, 13):
         _, cache = assert_padded_rows_decode_like_rows_alone(model, ids, mask, prompt)
     assert all(layer.state.recall_keys.shape[2] == 3 for layer in cache.layers if isinstance(layer, RecurrentLayer))
-    plain = tiny_linearized(family, sinks=1)
+    plain = tiny_linearized(family, sinks=1, gate="none")
     plain.load_state_dict(model.state_dict())
     assert relative_error(full_logits(plain, ids[1:2]), full_logits(model, ids[1:2])) > 1e-4
     with torch.enable_grad():

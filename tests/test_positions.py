@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import lolcats
 import lolcats.next_token
 from lolcats.cli import app
+from lolcats.config import LinearizeConfig
 from lolcats.evaluate.perplexity import next_token_nll, window_batches
 from lolcats.evaluate.positions import (bucket_edges, default_edges, loss_by_position, nll_by_position,
                                         parse_edges, position_windows)
@@ -93,8 +94,8 @@ def test_window_baseline_covering_the_sequence_is_the_teacher():
     ids = torch.tensor(stream()[:48])
     windows = [(ids, 1)]
     expected = next_token_nll(teacher, window_batches(windows, 1))
-    exact = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=48)
-    small = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=4)
+    exact = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=48, sinks=0)
+    small = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=4, sinks=0)
     assert next_token_nll(exact, window_batches(windows, 1))[0] == pytest.approx(expected[0], rel=1e-5)
     assert abs(next_token_nll(small, window_batches(windows, 1))[0] - expected[0]) > 1e-3 * expected[0]
     by_position = [loss_by_position(m, ids, seq_len=48, edges=[8]) for m in (teacher, exact, small)]
@@ -113,7 +114,7 @@ def test_sinks_baseline_keeps_the_first_tokens_in_softmax():
     expected = next_token_nll(teacher, window_batches(windows, 1))[0]
     exact = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=48, sinks=4)
     assert next_token_nll(exact, window_batches(windows, 1))[0] == pytest.approx(expected, rel=1e-5)
-    small = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=4)
+    small = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=4, sinks=0)
     sinks = lolcats.convert(tiny_model("llama", seed=2), attention="window", window=4, sinks=4)
     window_only, with_sinks = (next_token_nll(m, window_batches(windows, 1))[0] for m in (small, sinks))
     assert abs(with_sinks - window_only) > 1e-3 * window_only
@@ -126,7 +127,7 @@ def test_baselines_of_a_gated_run_or_a_recall_cache_run_are_the_plain_window(tin
     from lolcats.training.config import RunConfig
     from lolcats.training.linearize import linearize
 
-    for option in ({"gate": "scalar"}, {"recall_cache": 2}):
+    for option in ({"gate": "scalar"}, {"gate": "none", "recall_cache": 2}):
         out = tmp_path / next(iter(option))
         linearize(RunConfig(model=str(tiny.model), data=(str(tiny.train),), out=str(out), dtype="float32", seq_len=128,
                             batch_tokens=512, stage1_tokens=512, stage2_tokens=0, eval_every=100, checkpoint_every=100,
@@ -179,7 +180,7 @@ def test_eval_command_reports_position_buckets_and_the_window_baseline(saved_mod
     assert buckets["edges"] == [0, 64, 96] and buckets["seq_len"] == 96 and buckets["windows"] >= 2
     assert len(buckets["mean_loss"]) == len(buckets["tokens"]) == 2 and all(math.isfinite(x) for x in buckets["mean_loss"])
     window = data["baselines"]["window"]
-    assert window["window"] == 64 and window["sinks"] == 0 and data["baselines"]["sinks"]["sinks"] == 4
+    assert window["window"] == LinearizeConfig().window and window["sinks"] == 0 and data["baselines"]["sinks"]["sinks"] == 4
     assert set(window) >= {"perplexity", "tasks", "loss_by_position"}
     assert set(window["perplexity"]) == set(data["perplexity"]) == {"long.txt"}
     assert window["loss_by_position"]["edges"] == buckets["edges"]

@@ -46,8 +46,8 @@ def eval_command(
         "--seq-len are added."),
     baselines: Optional[str] = typer.Option(
         None, help="Comma-separated rows evaluated the same way, beside the model: 'teacher' (the base model), "
-        "'window' (the base converted with attention=window under the run's conversion settings; window 64 for a "
-        "base model) and 'sinks' (the same window plus 4 attention-sink tokens)."),
+        "'window' (the base converted with attention=window under the run's conversion settings; the default "
+        "window for a base model) and 'sinks' (the same window plus 4 attention-sink tokens)."),
     recall_cache: Optional[int] = typer.Option(None, help="Evaluate a linearized folder with a sparse recall cache of K keys per layer and head (LoLA; inference only; 0 = none; default: as saved)."),
     contexts: str = typer.Option(",".join(map(str, DEFAULT_CONTEXTS)), help="Prompt lengths in tokens for the retrieval tasks."),
     depths: str = typer.Option(",".join(map(str, DEFAULT_DEPTHS)), help="Needle depths (fractions of the prompt) for the retrieval tasks."),

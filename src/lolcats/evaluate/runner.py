@@ -41,7 +41,6 @@ def text_perplexity(model, tokenizer, path: str | Path, *, seq_len: int, stride:
 
 
 BASELINES = ("teacher", "window", "sinks")  # rows of `lolcats eval --baselines` beside the model
-DEFAULT_BASELINE_WINDOW = 64  # the baselines' window for a base model (no manifest to take it from)
 BASELINE_SINKS = 4  # the sinks baseline's sink tokens (LoLCATs/Lizard's training-free "window + 4 sinks" row)
 
 
@@ -63,7 +62,7 @@ def baseline_model(spec: str, name: str):
     The training-free baselines are the base converted with
     ``attention="window"`` (the softmax window alone, no linear term), every other conversion setting (window,
     softmax layers, local layers, ...) and the dtype from a linearized folder's manifest (for a base model,
-    window ``DEFAULT_BASELINE_WINDOW`` in fp32). ``window``: no sinks; ``sinks``: ``BASELINE_SINKS`` attention
+    the default window in fp32). ``window``: no sinks; ``sinks``: ``BASELINE_SINKS`` attention
     sinks (or the run's own, if it has more)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
@@ -72,7 +71,7 @@ def baseline_model(spec: str, name: str):
         conversion = LinearizeConfig.model_validate(manifest["conversion"])
         dtype = resolve_dtype(manifest.get("dtype", "float32"), "cpu")
     else:
-        conversion, dtype = LinearizeConfig(window=DEFAULT_BASELINE_WINDOW), torch.float32
+        conversion, dtype = LinearizeConfig(), torch.float32
     base = load_base_model(base_model_spec(spec), dtype=dtype)
     if name == "teacher":
         return base.eval()
