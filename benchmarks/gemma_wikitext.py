@@ -24,9 +24,10 @@ kwargs = dict(seq_len=512, protocol="bos-window", max_tokens=16384, batch_size=2
 rows = {}
 teacher = lolcats.load_base_model("gemma3-270m")
 rows["teacher"] = perplexity(teacher, tokenizer, text, **kwargs).ppl
-rows["window (untrained, no linear term)"] = perplexity(lolcats.convert(teacher, attention="window", sinks=0), tokenizer, text, **kwargs).ppl
+window = lolcats.LinearizeConfig().window  # the default student's, which the baselines must match
+rows[f"window {window} (untrained, no linear term)"] = perplexity(lolcats.convert(teacher, attention="window", sinks=0), tokenizer, text, **kwargs).ppl
 teacher = lolcats.load_base_model("gemma3-270m")  # convert() swapped the layers of the first copy
-rows["window + 4 sinks (untrained)"] = perplexity(lolcats.convert(teacher, attention="window", sinks=4), tokenizer, text, **kwargs).ppl
+rows[f"window {window} + 4 sinks (untrained)"] = perplexity(lolcats.convert(teacher, attention="window", sinks=4), tokenizer, text, **kwargs).ppl
 del teacher
 budgets = {}
 for label, run_dir in runs.items():
