@@ -143,7 +143,7 @@ def test_cli_phases_then_linearize_continues_to_stage_2(tiny, tmp_path):
     """collect -> train each block in its own (partially loaded) model -> stitch -> linearize finishes."""
     run = RunConfig(model=str(tiny.model), data=(str(tiny.train),), out=str(tmp_path / "out"), seq_len=128,
                     batch_tokens=512, held_out=8, stage1_tokens=1500, stage2_tokens=600, eval_every=4,
-                    eval_tokens=512, block_size=3, dtype="float32")
+                    eval_tokens=512, block_size=3, dtype="float32", conversion={"window": WINDOW})
     plan = blockwise_collect(run, echo=lambda _: None)
     assert plan["blocks"] == [[0, 3], [3, 4]]  # the last block is shorter
     with pytest.raises(ArtifactError, match=r"blocks \[0, 1\] are not trained yet"):

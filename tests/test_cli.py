@@ -37,6 +37,14 @@ def test_convert_errors_are_clear(tmp_path):
     assert result.exit_code == 2 and "windw" in result.output
 
 
+def test_rows_that_never_reach_the_linear_term_are_refused_before_anything_runs(tiny, tmp_path):
+    out = tmp_path / "short"
+    result = runner.invoke(app, ["linearize", "--model", str(tiny.model), "--data", str(tiny.train), "--out", str(out),
+                                 "--seq-len", "256", "--window", "128"])
+    assert result.exit_code != 0 and "never reaches the linear term" in result.output and "--window" in result.output
+    assert not out.exists()
+
+
 def test_linearize_runs_end_to_end_from_the_command_line(tiny, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
@@ -44,7 +52,8 @@ def test_linearize_runs_end_to_end_from_the_command_line(tiny, tmp_path):
     result = runner.invoke(app, [
         "linearize", "--model", str(tiny.model), "--data", str(tiny.train),
         "--eval-text", str(tiny.eval), "--out", str(out), "--config", str(config),
-        "--seq-len", "128", "--stage1-tokens", "3000", "--stage2-tokens", "1000", "--lora-rank", "4", "--quiet",
+        "--seq-len", "128", "--window", "32", "--stage1-tokens", "3000", "--stage2-tokens", "1000", "--lora-rank", "4",
+        "--quiet",
     ])
     assert result.exit_code == 0, result.output
     assert "perplexity on eval.txt: teacher" in result.output
@@ -94,7 +103,7 @@ def test_blockwise_phases_from_the_command_line(tiny, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {tiny.model}\ndata: [{tiny.train}]\n"
-                      "seq_len: 128\nbatch_tokens: 512\neval_tokens: 512\nheld_out: 8\nstage1_tokens: 1000\n")
+                      "seq_len: 128\nconversion: {window: 32}\nbatch_tokens: 512\neval_tokens: 512\nheld_out: 8\nstage1_tokens: 1000\n")
     common = ["--config", str(config), "--out", str(out), "--block-size", "3"]
     result = runner.invoke(app, ["blockwise", "collect", *common])
     assert result.exit_code == 0, result.output
@@ -121,7 +130,7 @@ def linearized_dir(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("linearized")
     run = RunConfig(model=str(tiny.model), data=(str(tiny.train),), out=str(out),
                     seq_len=256, batch_tokens=1024, stage1_tokens=2000, stage2_tokens=1000, eval_tokens=1024,
-                    eval_every=2, held_out=10, dtype="float32")
+                    eval_every=2, held_out=10, dtype="float32", conversion={"window": 32})
     linearize(run, echo=lambda _: None, progress=False)
     return out
 

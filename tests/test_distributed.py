@@ -21,7 +21,7 @@ from lolcats.convert import lora_parameters
 # gradients near zero, whose rounding differs between one process and two (measured: 0.3% apart after 4 steps).
 SETTINGS = dict(seq_len=256, packing="stream", dtype="float32", batch_tokens=1024, eval_tokens=4096, eval_every=4,
                 held_out=16, stage1_tokens=8000, stage2_tokens=4000, stage1_lr=0.02, stage2_lr=0.002,
-                conversion={"sinks": 0, "gate": "none", "linear_rope": True})
+                conversion={"window": 64, "sinks": 0, "gate": "none", "linear_rope": True})
 
 
 @pytest.fixture(scope="module")

@@ -263,7 +263,7 @@ def test_export_from_a_gguf_base_writes_plain_float_weights(tiny, tmp_path):
     out = tmp_path / "gemma"
     run = lolcats.RunConfig(model="gemma3-270m", data=(str(tiny.eval),), out=str(out),
                             seq_len=256, batch_tokens=1024, stage1_tokens=2048, stage2_tokens=1024, eval_tokens=1024,
-                            eval_every=2, held_out=8)
+                            eval_every=2, held_out=8, conversion={"window": 32})
     lolcats.linearize(run, echo=lambda _: None, progress=False)
     folder = export(out, tmp_path / "hf", echo=lambda _: None)
     config = json.loads((folder / "config.json").read_text())

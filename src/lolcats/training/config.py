@@ -104,6 +104,17 @@ class RunConfig(BaseModel):
     eval_max_tokens: int | None = None
     resume: bool = False
 
+    @model_validator(mode="after")
+    def _rows_reach_the_linear_term(self):
+        # A query's linear term holds keys older than its window: shorter rows would leave stage 1 nothing to train.
+        conversion = self.conversion
+        first = {"lolcats": 2 * conversion.window, "sliding": conversion.window + conversion.sinks}.get(conversion.attention, 0)
+        if self.stage1_tokens and self.seq_len <= first:
+            raise ValueError(f"seq_len {self.seq_len} never reaches the linear term, which starts at position {first} with "
+                             f"a {conversion.attention} window of {conversion.window}: stage 1 would have nothing to "
+                             f"train. Raise seq_len above {first} or lower the window (--window)")
+        return self
+
     def torch_dtype(self) -> torch.dtype:
         return resolve_dtype(self.dtype, distributed.training_device())
 
