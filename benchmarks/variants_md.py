@@ -6,6 +6,8 @@ one row merge (e.g. a text eval and an MMLU eval of the same run). Cells a row h
 import json
 import sys
 
+from lolcats.evaluate.verdict import loss_beyond
+
 
 def row_of(spec: str) -> dict:
     merged: dict = {}
@@ -20,26 +22,19 @@ def row_of(spec: str) -> dict:
     return merged
 
 
-def loss_beyond(row: dict, low: int, high: int | None = None) -> float | None:
-    buckets = row.get("loss_by_position")
-    if not buckets:
-        return None
-    pairs = [(loss, count) for edge, loss, count in zip(buckets["edges"], buckets["mean_loss"], buckets["tokens"])
-             if edge >= low and (high is None or edge < high)]
-    return sum(loss * count for loss, count in pairs) / sum(count for _, count in pairs)
-
-
 rows = {label: row_of(spec) for label, spec in (arg.split("=", 1) for arg in sys.argv[1:])}
 edges = next(row["loss_by_position"]["edges"] for row in rows.values() if row.get("loss_by_position"))
-buckets = [(low, high) for low, high in zip(edges[:-1], edges[1:]) if low >= 128]
-header = ["model", "ppl"] + [f"loss {low}-{high}" for low, high in buckets] + ["loss ≥128", "MMLU 5-shot"]
+shown = [i for i, low in enumerate(edges[:-1]) if low >= 128]  # the buckets past the window of 64 or 128
+header = ["model", "ppl"] + [f"loss {edges[i]}-{edges[i + 1]}" for i in shown] + ["loss ≥128", "MMLU 5-shot"]
 lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 for label, row in rows.items():
     ppl = next(iter(row.get("perplexity", {}).values()), None)
     mmlu = row.get("tasks", {}).get("mmlu", {}).get("acc")
     cells = [label, f"{ppl:.2f}" if ppl else "—"]
-    cells += [f"{value:.3f}" if value is not None else "—" for value in
-              [loss_beyond(row, low, high) for low, high in buckets] + [loss_beyond(row, 128)]]
+    by_position = row.get("loss_by_position")
+    losses = ([by_position["mean_loss"][i] for i in shown] + [loss_beyond(by_position, 128)] if by_position
+              else [None] * (len(shown) + 1))
+    cells += [f"{value:.3f}" if value is not None else "—" for value in losses]
     cells.append(f"{mmlu:.4f}" if mmlu is not None else "—")
     lines.append("| " + " | ".join(cells) + " |")
 print("\n".join(lines))
