@@ -1,7 +1,7 @@
 """Combine what `lolcats eval` printed (benchmarks/long_eval.sh on /tmp/qwen-run: linearized and teacher rows, the
 window row's retrieval) with the window and window + sinks rows computed apart (same code and settings, one thread
-each): their retrieval from one process's log, their perplexity and loss by position from JSON. MMLU for those two
-rows did not finish in the session and is left out (None)."""
+each): their retrieval from one process's log, their perplexity and loss by position from JSON. Their MMLU is not in
+these inputs (None); it came later from benchmarks/long_eval_row.py and was merged into the JSON by hand."""
 import json, re, sys
 log_a, log_b, window_text, sinks_text, out = sys.argv[1:6]
 rows = {}
@@ -49,7 +49,7 @@ for name, path in (("window", window_text), ("sinks", sinks_text)):
     part = json.load(open(path))
     rows[name]["perplexity"] = part["perplexity"]
     rows[name]["loss_by_position"] = part["loss_by_position"]
-    rows[name].setdefault("window", part["window"]); rows[name]["sinks"] = part["sinks"]; rows[name]["window"] = part["window"]
+    rows[name].update(window=part["window"], sinks=part["sinks"])
 tokens = rows["sinks"]["loss_by_position"]["tokens"]
 for row in rows.values():
     assert row["loss_by_position"]["edges"] == rows["sinks"]["loss_by_position"]["edges"]

@@ -1,11 +1,12 @@
 """One baseline row of benchmarks/long_eval.sh for a run, or part of it, in its own process (same code and
-settings as the `lolcats eval` of the other rows). Usage: row_part.py SPEC ROW PARTS OUT (PARTS: text,mmlu)"""
+settings as the `lolcats eval` of the other rows). Usage: long_eval_row.py SPEC ROW PARTS OUT (PARTS: text,mmlu)"""
 import json, sys, time
+from pathlib import Path
 from lolcats.artifacts import tokenizer_for
 from lolcats.evaluate.runner import _evaluate, baseline_model
 from lolcats.evaluate.tasks import load_task
 spec, name, parts, out = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
-shared = "/work/shared/data"
+shared = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the clone, as long_eval.sh
 tokenizer = tokenizer_for(spec)
 model = baseline_model(spec, name)
 started = time.perf_counter()
