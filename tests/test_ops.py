@@ -150,6 +150,15 @@ def test_terrace_visible_keys():
     assert visible == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8]
 
 
+@pytest.mark.parametrize("window", [Window("terrace", 4), Window("terrace", 4, 2), Window("terrace", 4, 4),
+                                    Window("terrace", 3, 7), Window("sliding", 4), Window("sliding", 4, 3), Window("none")])
+def test_first_linear_query_is_the_first_with_a_key_outside_window_and_sinks(window):
+    positions = torch.arange(40)
+    causal = positions[None, :] <= positions[:, None]
+    outside = causal & ~window.contains(positions[:, None], positions[None, :])
+    assert int(outside.any(1).nonzero()[0]) == window.first_linear_query
+
+
 def test_linear_attention_modes_agree():
     _, _, v, fq, fk, _ = make_inputs(2, 3, 3, 77, 8, 10, seed=11)
     start = torch.tensor([0, 9])

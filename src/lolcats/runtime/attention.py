@@ -175,12 +175,7 @@ class LinearizedAttention(nn.Module):
         if sinks and config.attention == "linear":
             raise ValueError("attention sinks are softmax terms: they need a window (attention 'lolcats', 'sliding' "
                              "or 'window'), not attention='linear'")
-        self.window = {
-            "lolcats": Window("terrace", config.window, sinks),
-            "sliding": Window("sliding", config.window, sinks),
-            "linear": Window("none"),
-            "window": Window("terrace", config.window, sinks),
-        }[config.attention]
+        self.window = Window.of_attention(config.attention, config.window, sinks)
         self.use_linear = config.attention != "window"
         self.chunk_size = config.chunk_size
         if self.use_linear:

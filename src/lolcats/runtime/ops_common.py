@@ -62,6 +62,22 @@ class Window:
         if self.sinks < 0 or (self.sinks and self.kind == "none"):
             raise ValueError(f"sinks must be >= 0 and need a softmax window, got {self.sinks} with {self.kind!r}")
 
+    @classmethod
+    def of_attention(cls, attention: str, size: int, sinks: int = 0) -> "Window":
+        """The softmax window of a layer converted with ``attention`` (LinearizeConfig.attention)."""
+        return {"lolcats": cls("terrace", size, sinks), "sliding": cls("sliding", size, sinks), "linear": cls("none"),
+                "window": cls("terrace", size, sinks)}[attention]
+
+    @property
+    def first_linear_query(self) -> int:
+        """The first relative query position with a key outside its window and its sinks (a linear term, where the
+        attention has one): rows of at most this many tokens never use it."""
+        if self.kind == "terrace":  # block b sees blocks b−1 and b; the keys before them from position `sinks` on
+            return (self.sinks // self.size + 2) * self.size
+        if self.kind == "sliding":
+            return self.size + self.sinks
+        return 0
+
     @property
     def lookback(self) -> int:
         """Largest distance i − j of a key j inside the window of query i (−1 when there is no window)."""

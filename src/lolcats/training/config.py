@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..config import LinearizeConfig
 from ..models import DEFAULT_MODEL, resolve_dtype
+from ..runtime.ops_common import Window
 from . import distributed
 from .loop import StageSettings
 
@@ -108,8 +109,8 @@ class RunConfig(BaseModel):
     def _rows_reach_the_linear_term(self):
         # A query's linear term holds keys older than its window: shorter rows would leave stage 1 nothing to train.
         conversion = self.conversion
-        first = {"lolcats": 2 * conversion.window, "sliding": conversion.window + conversion.sinks}.get(conversion.attention, 0)
-        if self.stage1_tokens and self.seq_len <= first:
+        first = Window.of_attention(conversion.attention, conversion.window, conversion.sinks).first_linear_query
+        if self.stage1_tokens and conversion.attention != "window" and self.seq_len <= first:
             raise ValueError(f"seq_len {self.seq_len} never reaches the linear term, which starts at position {first} with "
                              f"a {conversion.attention} window of {conversion.window}: stage 1 would have nothing to "
                              f"train. Raise seq_len above {first} or lower the window (--window)")
