@@ -64,9 +64,9 @@ class LinearizeConfig(BaseModel):
         if isinstance(data, dict):
             attention = data.get("attention", "lolcats")
             if data.get("sinks") is None:
-                data = {**data, "sinks": 0 if attention == "linear" else 4}
+                data = {**data, "sinks": 0 if attention == "linear" else cls.model_fields["sinks"].default}
             if data.get("gate") is None:
-                data = {**data, "gate": "none" if attention == "window" else "scalar"}
+                data = {**data, "gate": "none" if attention == "window" else cls.model_fields["gate"].default}
         return data
 
     @field_validator("softmax_layers")

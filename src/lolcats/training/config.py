@@ -75,14 +75,6 @@ class RunConfig(BaseModel):
     # linearization alone costs most (training/ranking.py): K ≥ 1 layers, or a fraction below 1 of them.
     softmax_auto: float = Field(0, ge=0)
     rank_by: Literal["kl", "passkey"] = "kl"
-
-    @field_validator("softmax_auto")
-    @classmethod
-    def _auto_is_a_count_or_a_fraction(cls, value: float) -> float:
-        if value >= 1 and value != int(value):
-            raise ValueError(f"softmax_auto (auto:K) takes a whole number of layers or a fraction below 1, got {value}")
-        return value
-
     rank_tokens: int = Field(8192, ge=1)  # held-out tokens the ranking's KL is measured on
     probe_context: int = Field(1024, ge=16)  # passkey prompt length of the ranking's retrieval probe
     # stage 2
@@ -104,6 +96,13 @@ class RunConfig(BaseModel):
     eval_protocol: Literal["documents", "per-document", "bos-window"] = "documents"
     eval_max_tokens: int | None = None
     resume: bool = False
+
+    @field_validator("softmax_auto")
+    @classmethod
+    def _auto_is_a_count_or_a_fraction(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"softmax_auto (auto:K) takes a whole number of layers or a fraction below 1, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _rows_reach_the_linear_term(self):
