@@ -102,7 +102,7 @@ def linear_attention_oracle(fq, fk, v, *, start=None):
 
 
 def recall_cache_oracle(q, k, v, fq, fk, *, size: int, recall: int, scaling: float = 1.0, gamma=None, start=None,
-                        sinks: int = 0) -> torch.Tensor:
+                        sinks: int = 0, log_decay=None) -> torch.Tensor:
     """Hybrid attention with a terrace window of ``size`` and a sparse recall cache of ``recall`` keys per head (LoLA,
     McDermott et al. 2025), one query at a time, written from the definition:
 
@@ -113,6 +113,10 @@ def recall_cache_oracle(q, k, v, fq, fk, *, size: int, recall: int, scaling: flo
         err_c  = ‖v_c − pred_c‖²
     the ``recall`` candidates with the largest error stay in the cache (exact softmax terms, in every query's window
     from then on), the others join the linear state for good. Everything else is the hybrid attention above.
+
+    With a decay gate (``log_decay``), the state is the one the block's first query i sees: every φ(k_j) in the sums
+    above carries its decay d_ij = Π_{t=j+1..i} g_t, candidates included (a key keeps no decay while cached, and
+    joins the state with all the decay since its own position); folded keys reach later queries with d_ij as above.
     """
     batch, num_kv_heads, length, value_dim = v.shape
     num_heads = q.shape[1]
@@ -125,6 +129,13 @@ def recall_cache_oracle(q, k, v, fq, fk, *, size: int, recall: int, scaling: flo
         first = starts[b]
         for h in range(num_heads):
             kv_head = h // group
+
+            def decay(j: int, i: int) -> float:
+                """Π_{t=j+1..i} g_t: what the gate leaves of key j's term for query i (1 without a gate)."""
+                if log_decay is None:
+                    return 1.0
+                return math.exp(sum(float(log_decay[b, h, t]) for t in range(j + 1, i + 1)))
+
             cache: list[int] = []  # positions (columns) of cached keys
             folded: list[int] = []  # positions in the linear state
             for i in range(first, length):
@@ -136,7 +147,7 @@ def recall_cache_oracle(q, k, v, fq, fk, *, size: int, recall: int, scaling: flo
                     pool = folded + candidates
                     errors = []
                     for c in candidates:
-                        weights = [float(fk[b, h, c] @ fk[b, h, j]) for j in pool]
+                        weights = [float(fk[b, h, c] @ fk[b, h, j]) * decay(j, i) for j in pool]
                         pred = sum(w * v[b, kv_head, j] for w, j in zip(weights, pool)) / sum(weights)
                         errors.append(float(((v[b, kv_head, c] - pred) ** 2).sum()))
                     order = sorted(range(len(candidates)), key=lambda n: -errors[n])
@@ -149,7 +160,7 @@ def recall_cache_oracle(q, k, v, fq, fk, *, size: int, recall: int, scaling: flo
                 weights = [gammas[h] * math.exp(s - top) for s in scores]
                 values = [v[b, kv_head, j] for j in window_keys]
                 for j in folded:
-                    weights.append(float(fq[b, h, i] @ fk[b, h, j]))
+                    weights.append(float(fq[b, h, i] @ fk[b, h, j]) * decay(j, i))
                     values.append(v[b, kv_head, j])
                 out[b, h, i] = sum(w * value for w, value in zip(weights, values)) / sum(weights)
     return out

@@ -383,17 +383,22 @@ def test_linear_term_without_rope_decodes_like_full_forward(attention, family):
     assert relative_error(full_logits(rotated, ids[1:2]), full[1:2]) > 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_recall_cache_decode_matches_full_forward_and_padded_rows_match_rows_alone(family):
-    """recall_cache=3 with the terrace window of 4: decode (re-selecting at each row's block starts) == the full
-    forward (block by block), left-padded rows == rows alone; with autograd on the layer computes without the
-    cache, as it trains; the cache changes the output."""
-    model = tiny_linearized(family, recall_cache=3, sinks=1, gate="none")
+@pytest.mark.parametrize("family,gate", [("llama", "none"), ("gemma3_text", "none"), ("llama", "scalar"),
+                                         ("qwen3", "scalar")])
+def test_recall_cache_decode_matches_full_forward_and_padded_rows_match_rows_alone(family, gate):
+    """recall_cache=3 with the terrace window of 4, with and without a (forgetting) decay gate: decode
+    (re-selecting at each row's block starts) == the full forward (block by block), left-padded rows == rows alone;
+    with autograd on the layer computes without the cache, as it trains; the cache changes the output."""
+    def build(**recall):
+        model = tiny_linearized(family, sinks=1, gate=gate, **recall)
+        return gated(model) if gate != "none" else model
+
+    model = build(recall_cache=3)
     ids, mask = left_padded(random_ids((3, 40), 8, low=1))
     for prompt in (7, 13):
         _, cache = assert_padded_rows_decode_like_rows_alone(model, ids, mask, prompt)
     assert all(layer.state.recall_keys.shape[2] == 3 for layer in cache.layers if isinstance(layer, RecurrentLayer))
-    plain = tiny_linearized(family, sinks=1, gate="none")
+    plain = build()
     plain.load_state_dict(model.state_dict())
     assert relative_error(full_logits(plain, ids[1:2]), full_logits(model, ids[1:2])) > 1e-4
     with torch.enable_grad():
@@ -404,5 +409,3 @@ def test_recall_cache_decode_matches_full_forward_and_padded_rows_match_rows_alo
 def test_recall_cache_is_refused_where_it_is_not_defined():
     with pytest.raises(ValueError, match="needs attention='lolcats'"):
         tiny_linearized("llama", attention="sliding", recall_cache=2)
-    with pytest.raises(ValueError, match="decay gate is not supported"):
-        tiny_linearized("llama", gate="scalar", recall_cache=2)

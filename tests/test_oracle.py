@@ -357,22 +357,46 @@ def test_decay_gate_prefill_then_steps_match_oracle(kind, size, sinks, prompt):
 RECALL_SHAPES = [(4, 0, 3, 37), (3, 1, 2, 40), (4, 2, 5, 29), (5, 0, 8, 31), (2, 0, 1, 23)]
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 1])
 @pytest.mark.parametrize("size,sinks,recall,length", RECALL_SHAPES)
-def test_recall_cache_matches_oracle(size, sinks, recall, length, kv_heads):
+def test_recall_cache_matches_oracle(size, sinks, recall, length, kv_heads, gated):
     """The sparse recall cache, block by block (full forward and prefill) and token by token (decode), against the
-    oracle's one-query-at-a-time definition, left-padded rows included; it changes the output, as it must."""
+    oracle's one-query-at-a-time definition, left-padded rows included, with and without a decay gate; it changes
+    the output, as it must."""
     q, k, v, fq, fk, gamma = make_inputs(3, kv_heads, length, seed=length + recall + kv_heads)
     start = starts_for(3, length)
     window = Window("terrace", size, sinks)
+    log_decay = -0.3 * torch.rand(3, HEADS, length, generator=torch.Generator().manual_seed(length)) if gated else None
     expected = recall_cache_oracle(q, k, v, fq, fk, size=size, recall=recall, scaling=0.35, gamma=gamma, start=start,
-                                   sinks=sinks)
-    settings = dict(window=window, scaling=0.35, gamma=gamma, start=start, recall=recall)
+                                   sinks=sinks, log_decay=log_decay)
+    settings = dict(window=window, scaling=0.35, gamma=gamma, start=start, recall=recall, log_decay=log_decay)
     assert max_relative_error(hybrid_attention_recall(q, k, v, fq, fk, **settings), expected) <= RTOL
     assert max_relative_error(hybrid_attention_recurrent(q, k, v, fq, fk, **settings), expected) <= RTOL
     without = hybrid_attention_oracle(q, k, v, fq, fk, kind="terrace", size=size, scaling=0.35, gamma=gamma,
-                                      start=start, sinks=sinks)
+                                      start=start, sinks=sinks, log_decay=log_decay)
     assert max_relative_error(without, expected) > 1e-2
+    if gated:  # the gate reaches the cached keys' terms once they are folded, and the choice itself
+        ungated = recall_cache_oracle(q, k, v, fq, fk, size=size, recall=recall, scaling=0.35, gamma=gamma,
+                                      start=start, sinks=sinks)
+        assert max_relative_error(ungated, expected) > 1e-2
+
+
+def test_recall_cache_with_a_gate_that_forgets_nothing_is_the_ungated_cache():
+    """A gate at init (a_t = 0, decay 1) leaves the recall cache exactly as without a gate, in the block-by-block
+    and recurrent paths; and the gated oracle with no cache is the gated hybrid oracle."""
+    q, k, v, fq, fk, gamma = make_inputs(2, 2, 30, seed=11)
+    start = starts_for(2, 30)
+    settings = dict(window=Window("terrace", 3, 1), recall=2, gamma=gamma, start=start)
+    still = torch.zeros(2, HEADS, 30)
+    for attend in (hybrid_attention_recall, hybrid_attention_recurrent):
+        assert torch.equal(attend(q, k, v, fq, fk, **settings, log_decay=still), attend(q, k, v, fq, fk, **settings))
+    log_decay = -0.5 * torch.rand(2, HEADS, 30, generator=torch.Generator().manual_seed(4))
+    zero = recall_cache_oracle(q, k, v, fq, fk, size=3, recall=0, gamma=gamma, start=start, sinks=1,
+                               log_decay=log_decay)
+    plain = hybrid_attention_oracle(q, k, v, fq, fk, kind="terrace", size=3, gamma=gamma, start=start, sinks=1,
+                                    log_decay=log_decay)
+    assert max_relative_error(zero, plain) <= 1e-12
 
 
 def test_recall_cache_of_zero_is_the_hybrid_oracle():
@@ -383,26 +407,32 @@ def test_recall_cache_of_zero_is_the_hybrid_oracle():
     assert max_relative_error(got, expected) <= 1e-12  # (float64; the sums run in another order)
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("size,sinks,recall,length", RECALL_SHAPES[:3])
 @pytest.mark.parametrize("prompt", [1, 9, 13])
-def test_recall_cache_prefill_then_steps_match_oracle(size, sinks, recall, length, prompt):
+def test_recall_cache_prefill_then_steps_match_oracle(size, sinks, recall, length, prompt, gated):
     """Prefill (the block-by-block pass hands its state, cache and linear sums to the decode state), then steps that
-    re-select at each row's block starts (φ of the leaving block from the ring): the oracle at every later position."""
+    re-select at each row's block starts (φ of the leaving block from the ring): the oracle at every later position,
+    with a decay gate too (the prefix hands on each cached key's decay so far)."""
     q, k, v, _, _, gamma = make_inputs(3, 2, length, seed=prompt + recall, large=True)
     phi = phi_of(HEADS, seed=prompt)
     fq, fk = phi(q), phi(k)
     start = starts_for(3, length)
     window = Window("terrace", size, sinks)
+    log_decay = -0.4 * torch.rand(3, HEADS, length, generator=torch.Generator().manual_seed(prompt)) if gated else None
     expected = recall_cache_oracle(q, k, v, fq, fk, size=size, recall=recall, scaling=0.5, gamma=gamma, start=start,
-                                   sinks=sinks)
+                                   sinks=sinks, log_decay=log_decay)
     head = start.clamp(max=prompt)
+    prefix_decay = None if log_decay is None else log_decay[:, :, :prompt]
     _, state, norm, cache = hybrid_attention_recall(
         q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], fq[:, :, :prompt], fk[:, :, :prompt], window=window,
-        recall=recall, scaling=0.5, gamma=gamma, start=head, return_state=True)
+        recall=recall, scaling=0.5, gamma=gamma, start=head, return_state=True, log_decay=prefix_decay)
     decode = recurrent_state_from_prefix(k[:, :, :prompt], v[:, :, :prompt], fk[:, :, :prompt], window=window,
-                                         num_heads=HEADS, start=head, recall_state=(state, norm, cache))
+                                         num_heads=HEADS, start=head, recall_state=(state, norm, cache),
+                                         log_decay=prefix_decay)
     steps = [hybrid_attention_step(decode, q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], t >= start,
-                                   window=window, scaling=0.5, gamma=gamma, key_features=phi)
+                                   window=window, scaling=0.5, gamma=gamma, key_features=phi,
+                                   log_decay=None if log_decay is None else log_decay[:, :, t])
              for t in range(prompt, length)]
     assert max_relative_error(torch.stack(steps, dim=2), expected[:, :, prompt:]) <= RTOL
     assert decode.recall_keys.shape[2] == recall  # constant in the context

@@ -241,9 +241,6 @@ class LinearizedAttention(nn.Module):
         """Keys of the sparse recall cache per query head (0: none). Inference only: with autograd on, the layer
         computes without it, as it was trained."""
         check_recall(self.window, recall, self.use_linear)
-        if recall and self.decay_gate is not None:
-            raise ValueError("a recall cache with a decay gate is not supported yet: the self-recall error of a "
-                             "forgetting state is not defined here")
         self.recall = recall
 
     def _recalling(self) -> bool:
@@ -264,7 +261,7 @@ class LinearizedAttention(nn.Module):
         if self._recalling():
             return hybrid_attention_recall(q, k, v, fq, fk, window=self.window, recall=self.recall,
                                            scaling=self.scaling, gamma=self.gamma, start=start,
-                                           output_dtype=output_dtype)
+                                           output_dtype=output_dtype, log_decay=log_decay)
         attend = dict(window=self.window, scaling=self.scaling, gamma=self.gamma, use_linear=self.use_linear,
                       start=start, chunk_size=self.chunk_size, output_dtype=output_dtype, log_decay=log_decay)
         if not self.record_linear_share:
@@ -291,7 +288,7 @@ class LinearizedAttention(nn.Module):
                 # the pass that computes the outputs also reaches the cache and linear sums decoding continues from
                 out, *recall_state = hybrid_attention_recall(
                     q, k, v, *features, window=self.window, recall=self.recall, scaling=self.scaling,
-                    gamma=self.gamma, start=start, return_state=True)
+                    gamma=self.gamma, start=start, return_state=True, log_decay=log_decay)
             else:
                 out = self.student(q, k, v, start, features, log_decay=log_decay)
             if layer_cache is not None:

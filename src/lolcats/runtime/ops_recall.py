@@ -11,6 +11,11 @@ cache, and linearly to (S, z), in one normaliser. Sinks never become candidates.
 same definition out one query at a time; ``hybrid_attention_recall`` computes it block by block (the full forward and
 the prefill), ``select_recall`` is the step both it and the recurrent decode (ops_recurrent) take at a block start.
 The cache holds ``recall`` keys, values and features per head whatever the context: memory stays constant.
+
+With a decay gate, (S, z) at a block start is the state its first query i sees (every folded key j carries
+d_ij = Π_{t=j+1..i} g_t), and every candidate's φ(k) is weighted by its own d_ij in the scores and when it is folded:
+a cached key is an exact softmax term and does not decay, but it keeps the decay since its position (``log_decay``)
+for the day it joins the state, so that from then on it weighs what it would have weighed had it never been cached.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from .ops_common import (
     Window,
     accumulation_dtype,
+    cumulative_log_decay,
     expand_heads,
     gamma_per_head,
     normalise,
@@ -39,6 +45,7 @@ class RecallCache:
     values: torch.Tensor  # (B, H, K, Dv)
     features: torch.Tensor  # (B, H, K, F) fp32: φ(k) of each cached key (its self-recall error is recomputed)
     positions: torch.Tensor  # (B, H, K) long: relative position of each cached key, −1 for an empty slot
+    log_decay: torch.Tensor  # (B, H, K) fp32: Σ a_t since each cached key's position (0 without a gate)
 
     @classmethod
     def empty(cls, batch, num_heads, recall, head_dim, value_dim, feature_dim, *, dtype=torch.float32,
@@ -46,7 +53,11 @@ class RecallCache:
         return cls(keys=torch.zeros(batch, num_heads, recall, head_dim, dtype=dtype, device=device),
                    values=torch.zeros(batch, num_heads, recall, value_dim, dtype=dtype, device=device),
                    features=torch.zeros(batch, num_heads, recall, feature_dim, device=device),
-                   positions=torch.full((batch, num_heads, recall), -1, dtype=torch.long, device=device))
+                   positions=torch.full((batch, num_heads, recall), -1, dtype=torch.long, device=device),
+                   log_decay=torch.zeros(batch, num_heads, recall, device=device))
+
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        return self.keys, self.values, self.features, self.positions, self.log_decay
 
 
 def check_recall(window: Window, recall: int, use_linear: bool) -> None:
@@ -59,17 +70,22 @@ def check_recall(window: Window, recall: int, use_linear: bool) -> None:
 
 @torch.no_grad()
 def select_recall(state: torch.Tensor, norm: torch.Tensor, cache: RecallCache, keys: torch.Tensor,
-                  values: torch.Tensor, features: torch.Tensor, positions: torch.Tensor):
+                  values: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                  log_decay: torch.Tensor | None = None):
     """One block start: candidates = the cache and the leaving keys (B, H, M, ·) at ``positions`` (B, H, M), −1
-    for none; returns the new (state, norm, cache). Accumulation in fp32 (fp64 stays fp64)."""
+    for none, with ``log_decay`` (B, H, M) the decay each leaving key has accumulated up to the block's first query
+    (None: no gate); returns the new (state, norm, cache). Accumulation in fp32 (fp64 stays fp64)."""
     acc = state.dtype
     recall = cache.positions.shape[-1]
+    if log_decay is None:
+        log_decay = torch.zeros(positions.shape, device=positions.device)
     all_keys = torch.cat([cache.keys, keys.to(cache.keys.dtype)], dim=2)
     all_values = torch.cat([cache.values, values.to(cache.values.dtype)], dim=2)
     all_features = torch.cat([cache.features.to(acc), features.to(acc)], dim=2)
     all_positions = torch.cat([cache.positions, positions], dim=2)
+    all_log_decay = torch.cat([cache.log_decay, log_decay.to(cache.log_decay.dtype)], dim=2)
     valid = (all_positions >= 0).to(acc)[..., None]
-    weighted = all_features * valid
+    weighted = all_features * valid * torch.exp(all_log_decay.to(acc))[..., None]
     state_all = state + weighted.transpose(-1, -2) @ all_values.to(acc)
     norm_all = norm + weighted.sum(2)
     predicted = normalise(all_features @ state_all, (all_features * norm_all[:, :, None]).sum(-1))
@@ -84,9 +100,9 @@ def select_recall(state: torch.Tensor, norm: torch.Tensor, cache: RecallCache, k
     def pick(x: torch.Tensor) -> torch.Tensor:
         return x.gather(2, kept[..., None].expand(*kept.shape, x.shape[-1]))
 
-    chosen = all_positions.gather(2, kept)
     cache = RecallCache(keys=pick(all_keys), values=pick(all_values), features=pick(all_features).float(),
-                        positions=chosen)  # slots that got an empty candidate keep position −1
+                        positions=all_positions.gather(2, kept),  # slots given an empty candidate keep −1
+                        log_decay=all_log_decay.gather(2, kept))
     return state, norm, cache
 
 
@@ -97,15 +113,24 @@ def where_rows(rows: torch.Tensor, new: tuple, old: tuple) -> tuple:
 
     (state, norm, cache), (old_state, old_norm, old_cache) = new, old
     return pick(state, old_state), pick(norm, old_norm), RecallCache(
-        *(pick(a, b) for a, b in zip((cache.keys, cache.values, cache.features, cache.positions),
-                                     (old_cache.keys, old_cache.values, old_cache.features, old_cache.positions))))
+        *(pick(a, b) for a, b in zip(cache.fields(), old_cache.fields())))
+
+
+def decayed(state: torch.Tensor, norm: torch.Tensor, cache: RecallCache, log_decay: torch.Tensor) -> tuple:
+    """(state, norm, cache) after ``log_decay`` (B, H) more of the gate: the sums forget, cached keys count it."""
+    held = (cache.positions >= 0).to(cache.log_decay.dtype)
+    decay = torch.exp(log_decay).to(state.dtype)
+    return (state * decay[..., None, None], norm * decay[..., None],
+            RecallCache(cache.keys, cache.values, cache.features, cache.positions,
+                        cache.log_decay + log_decay.to(cache.log_decay.dtype)[..., None] * held))
 
 
 @torch.no_grad()
 def hybrid_attention_recall(q, k, v, fq, fk, *, window: Window, recall: int, scaling: float = 1.0, gamma=None,
-                            start=None, output_dtype=None, return_state: bool = False):
-    """Hybrid attention of a terrace window with a recall cache of ``recall`` keys per head, block by block.
-    With ``return_state``: (out, state, norm, cache) after the last column, what decoding continues from."""
+                            start=None, output_dtype=None, return_state: bool = False, log_decay=None):
+    """Hybrid attention of a terrace window with a recall cache of ``recall`` keys per head, block by block;
+    ``log_decay`` (B, H, L): the decay gate's a_t, if any. With ``return_state``: (out, state, norm, cache) after
+    the last column (the sums as its query sees them), what decoding continues from."""
     check_recall(window, recall, use_linear=True)
     batch, num_kv_heads, length, value_dim = v.shape
     num_heads = q.shape[1]
@@ -115,6 +140,13 @@ def hybrid_attention_recall(q, k, v, fq, fk, *, window: Window, recall: int, sca
     shifted = bool(starts.any())
     if shifted:
         q, k, v, fq, fk = (shift_rows(x, starts) for x in (q, k, v, fq, fk))
+    # A_t per head, float64, 0 past each row's real tokens (the shifted copies decay nothing).
+    cumulative = None
+    if log_decay is not None:
+        if shifted:
+            log_decay = shift_rows(log_decay[..., None], starts)[..., 0]
+        real = torch.arange(length, device=v.device)[None, :] < lengths[:, None]
+        cumulative = cumulative_log_decay(torch.where(real[:, None], log_decay, 0.0), torch.zeros_like(starts))
     size, sinks = window.size, window.sinks
     keys, values = expand_heads(k.to(acc), num_heads), expand_heads(v.to(acc), num_heads)
     features_q, features_k = fq.to(acc), fk.to(acc)
@@ -126,14 +158,19 @@ def hybrid_attention_recall(q, k, v, fq, fk, *, window: Window, recall: int, sca
     outputs = []
     for block in range(math.ceil(length / size)):
         begin, end = block * size, min((block + 1) * size, length)
+        if cumulative is not None and block >= 1:
+            # (S, z) and the cache's decays move on to this block's first query
+            state, norm, cache = decayed(state, norm, cache, (cumulative[..., begin] - cumulative[..., begin - size]))
         if block >= 2:
             low = begin - 2 * size
             leaving = torch.arange(low, low + size, device=v.device)
             positions = torch.where(leaving >= sinks, leaving, -1).expand(batch, num_heads, size)
             # Only rows with a real token in this block start it (shifted rows end in copies of their last token).
             positions = torch.where((lengths > begin)[:, None, None], positions, -1)
+            leaving_decay = None if cumulative is None else \
+                (cumulative[..., begin, None] - cumulative[..., low:low + size]).float()
             selected = select_recall(state, norm, cache, keys[:, :, low:low + size], values[:, :, low:low + size],
-                                     features_k[:, :, low:low + size], positions)
+                                     features_k[:, :, low:low + size], positions, leaving_decay)
             state, norm, cache = where_rows(lengths > begin, selected, (state, norm, cache))
         local_begin = max(0, begin - size)
         pos_q = torch.arange(begin, end, device=v.device)[:, None]
@@ -150,6 +187,8 @@ def hybrid_attention_recall(q, k, v, fq, fk, *, window: Window, recall: int, sca
         num = weights @ torch.cat(parts_v, dim=2)
         den = weights.sum(-1)
         block_q = features_q[:, :, begin:end]
+        if cumulative is not None:  # from the block's first query on to each query
+            block_q = block_q * torch.exp(cumulative[..., begin:end] - cumulative[..., begin, None]).to(acc)[..., None]
         num = num + block_q @ state
         den = den + (block_q * norm[:, :, None]).sum(-1)
         outputs.append(normalise(num, den))
@@ -157,4 +196,9 @@ def hybrid_attention_recall(q, k, v, fq, fk, *, window: Window, recall: int, sca
     if shifted:
         out = unshift_rows(out, starts)
     out = out.to(output_dtype or v.dtype)
-    return (out, state, norm, cache) if return_state else out
+    if not return_state:
+        return out
+    if cumulative is not None:  # the sums as the last column's query sees them, as a stepped state holds them
+        last_begin = (math.ceil(length / size) - 1) * size
+        state, norm, cache = decayed(state, norm, cache, cumulative[..., -1] - cumulative[..., last_begin])
+    return out, state, norm, cache

@@ -14,7 +14,8 @@ The state holds, per row:
   with a recall cache (ops_recall, terrace only), the K keys per query head the linear state recalls worst: a step
   folds nothing as keys leave; when a row's block starts, the block that left and the cache are re-selected
   (``select_recall``) and the rest folded into (S, z). That step reads φ of a whole block, once per block, and
-  asks the host whether any row starts a block (the one synchronisation of this option).
+  asks the host whether any row starts a block (the one synchronisation of this option); with a gate, cached keys
+  count the decay they would have had in (S, z), and are folded with it.
 
 Windows only move forward, and a key leaves them ``size`` positions after it could first be folded:
 the step for relative position p folds the one key at p − size, exactly once, into
@@ -74,6 +75,7 @@ class RecurrentState:
     recall_values: torch.Tensor | None = None  # (B, H, K, Dv)
     recall_features: torch.Tensor | None = None  # (B, H, K, F) fp32
     recall_positions: torch.Tensor | None = None  # (B, H, K) long, −1 for an empty slot
+    recall_log_decay: torch.Tensor | None = None  # (B, H, K) fp32, Σ a_t since each cached key's position
     columns: int = 0  # host copy of ``column``, for get_seq_length()
 
     @classmethod
@@ -122,12 +124,14 @@ class RecurrentState:
     def recall_cache(self) -> RecallCache | None:
         if self.recall_positions is None:
             return None
-        return RecallCache(self.recall_keys, self.recall_values, self.recall_features, self.recall_positions)
+        return RecallCache(self.recall_keys, self.recall_values, self.recall_features, self.recall_positions,
+                           self.recall_log_decay)
 
     @recall_cache.setter
     def recall_cache(self, cache: RecallCache) -> None:
         self.recall_keys, self.recall_values = cache.keys, cache.values
         self.recall_features, self.recall_positions = cache.features, cache.positions
+        self.recall_log_decay = cache.log_decay
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: value for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
@@ -173,7 +177,11 @@ def _recall_block_start(cache: RecurrentState, window: Window, position: torch.T
     features = key_features(gathered(source)).float()  # (B, H, size, F)
     keys, values = (expand_heads(gathered(x), num_heads) for x in (cache.keys, cache.values))
     positions = leaving[:, None, :].expand(-1, num_heads, -1)
-    selected = select_recall(cache.state, cache.norm, cache.recall_cache, keys, values, features, positions)
+    # with a gate, the decay each leaving key has accumulated up to this (block-starting) query
+    log_decay = None if cache.slot_log_decay is None else cache.slot_log_decay.gather(2, slots[:, None, :].expand(
+        -1, num_heads, -1))
+    selected = select_recall(cache.state, cache.norm, cache.recall_cache, keys, values, features, positions,
+                             log_decay)
     cache.state, cache.norm, cache.recall_cache = where_rows(starting, selected,
                                                              (cache.state, cache.norm, cache.recall_cache))
 
@@ -327,6 +335,8 @@ def hybrid_attention_step(
             cache.pending_state *= decay[..., None, None]
             cache.pending_norm *= decay[..., None]
         cache.slot_log_decay += step_decay[..., None] * (cache.slot_positions >= 0)[:, None, :]
+        if cache.recall_positions is not None:  # cached keys do not decay, but count it for when they are folded
+            cache.recall_log_decay += step_decay[..., None] * (cache.recall_positions >= 0)
 
     if window.kind == "none":
         fq = fq.float()
