@@ -161,7 +161,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny, e
 def trained_dir(tiny, tmp_path_factory):
     """A whole linearize run, with the model it trained kept as it was saved (and then measured)."""
     out = tmp_path_factory.mktemp("run")
-    # LoLCATs as published (no sinks, no gate, φ after RoPE): what a recall cache and an older manifest need
+    # LoLCATs as published (no sinks, no gate, φ after RoPE): what an older manifest describes
     run = RunConfig(model=str(tiny.model), data=(str(tiny.train),), out=str(out), seq_len=256,
                     batch_tokens=1024, stage1_tokens=4000, stage2_tokens=2000, eval_tokens=1024, eval_every=2,
                     eval_text=(str(tiny.eval),), eval_max_tokens=1024, held_out=20, dtype="float32",
@@ -311,3 +311,24 @@ def test_eval_with_a_recall_cache_on_a_trained_run(trained_dir, tiny):
     assert evaluate_model(out, recall_cache=0, **settings)["perplexity"] == plain["perplexity"]
     with pytest.raises(ValueError, match="--recall-cache is for a linearized folder"):
         evaluate_model(str(tiny.model), recall_cache=8, **settings)
+
+
+def test_cli_bench_cache_with_a_recall_cache(trained_dir, tiny, tmp_path):
+    """`lolcats bench cache --recall-cache K`: the cache of a linearized folder grows by a constant with K, and stays
+    the same at every context; a base model is refused."""
+    from typer.testing import CliRunner
+
+    from lolcats.cli import app
+
+    def measure(*extra):
+        out = tmp_path / f"cache{len(extra)}.json"
+        result = CliRunner().invoke(app, ["bench", "cache", "--model", str(trained_dir[0]), "--contexts", "300,3000",
+                                          "--no-teacher", "--json", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())
+
+    plain, recalled = measure(), measure("--recall-cache", "16")
+    assert recalled["recall_cache"] == 16 and plain["recall_cache"] is None
+    assert plain["model"][0] == plain["model"][1] < recalled["model"][0] == recalled["model"][1]
+    refused = CliRunner().invoke(app, ["bench", "cache", "--model", str(tiny.model), "--recall-cache", "4"])
+    assert refused.exit_code != 0 and "linearized folder" in refused.output

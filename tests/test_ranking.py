@@ -129,6 +129,27 @@ def test_cache_bytes_by_context_match_a_real_prefill(family, kept):
         assert predicted[-1] > predicted[-2]
 
 
+def test_cache_bytes_with_a_recall_cache_are_constant_and_match_a_real_prefill():
+    """A recall cache adds K keys, values, features, positions and decays per query head and layer, whatever the
+    context: the one-probe prediction equals real prefills, and the extra bytes do not grow."""
+    model = convert(tiny_model("llama"), window=4, chunk_size=4, recall_cache=3)
+    plain = convert(tiny_model("llama"), window=4, chunk_size=4)
+    plain.load_state_dict(model.state_dict())
+    contexts = [20, 100, 300]
+    predicted = cache_bytes_by_context(model, contexts, probe=40)
+    measured = []
+    for context in contexts:
+        ids = torch.randint(1, 96, (1, context), generator=torch.Generator().manual_seed(context))
+        with torch.no_grad():
+            measured.append(cache_nbytes(model(ids, use_cache=True).cache))
+    assert predicted == measured and len(set(predicted)) == 1
+    extra = predicted[0] - cache_bytes_by_context(plain, contexts[:1], probe=40)[0]
+    layers = list(linearized_layers(model))
+    layer = layers[0]
+    per_key = 2 * layer.head_dim * 4 + layer.feature_map_k.output_dim * 4 + 8 + 4  # fp32 model: k, v, φ(k), position, decay
+    assert extra == len(layers) * layer.num_heads * 3 * per_key
+
+
 def test_cli_rank_layers_and_auto_flag(tiny, tmp_path):
     out = tmp_path / "ranked"
     result = CliRunner().invoke(app, ["rank-layers", "--model", str(tiny.model), "--data", str(tiny.train),

@@ -23,6 +23,7 @@ import typer
 from ..artifacts import base_model_spec, is_linearized_folder, load_model
 from ..evaluate.report import plot_decode
 from ..runtime.cache import RecurrentLayer, cache_nbytes
+from ..runtime.swap import set_recall_cache
 from .app import app, fail
 
 
@@ -236,19 +237,24 @@ def cache_command(
     model: str = typer.Option(..., help="A linearized output folder (its base model is measured beside it) or a base model."),
     contexts: str = typer.Option("8192,32768", help="Comma-separated context lengths."),
     teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also the base model, for a linearized folder."),
+    recall_cache: Optional[int] = typer.Option(None, help="Measure a linearized folder with a sparse recall cache of K keys per layer and head (default: as saved)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
 ) -> None:
     """Generation-cache bytes at each context, from one short prefill (no long prefill needed): what keeping
-    layers as softmax costs in memory, beside the teacher's full KV cache."""
+    layers as softmax, or a recall cache, costs in memory, beside the teacher's full KV cache."""
     try:
         context_list = [int(c) for c in contexts.split(",") if c.strip()]
         if not context_list or min(context_list) < 1:
             raise ValueError(f"--contexts needs positive integers, got {contexts!r}")
         models = {"model": load_model(model)}
+        if recall_cache is not None:
+            if not is_linearized_folder(model):
+                raise ValueError("--recall-cache is for a linearized folder: a base model has no linear state")
+            set_recall_cache(models["model"], recall_cache)
         if teacher and is_linearized_folder(model):
             models["teacher"] = load_model(base_model_spec(model),
                                            dtype=models["model"].get_input_embeddings().weight.dtype)
-        result = {"model": model, "contexts": context_list}
+        result = {"model": model, "contexts": context_list, "recall_cache": recall_cache}
         for name, loaded in models.items():
             result[name] = cache_bytes_by_context(loaded, context_list)
             for context, size in zip(context_list, result[name]):
