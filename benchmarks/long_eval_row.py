@@ -1,5 +1,6 @@
 """One baseline row of benchmarks/long_eval.sh for a run, or part of it, in its own process (same code and
-settings as the `lolcats eval` of the other rows). Usage: long_eval_row.py SPEC ROW PARTS OUT (PARTS: text,mmlu)"""
+settings as the `lolcats eval` of the other rows). Usage: long_eval_row.py SPEC ROW PARTS OUT (PARTS: any of
+text,mmlu,retrieval)"""
 import json, sys, time
 from pathlib import Path
 from lolcats.artifacts import tokenizer_for
@@ -14,7 +15,9 @@ row = _evaluate(model, tokenizer, texts=[f"{shared}/wikitext2_valid_tok.txt"] if
                 loaded_tasks=[load_task(f"{shared}/eval/mmlu.jsonl")] if "mmlu" in parts else [],
                 limit=20, num_fewshot=5, seq_len=8192, stride=None, max_text_tokens=65536, batch_size=8,
                 position_edges=[] if "text" in parts else None,
-                retrieval={"tasks": [], "contexts": [], "depths": [], "trials": 1, "seed": 0},
+                retrieval={"tasks": ["passkey", "multikey"] if "retrieval" in parts else [],
+                           "contexts": [1024, 2048, 4096, 8192], "depths": [0.1, 0.3, 0.5, 0.7, 0.9], "trials": 1,
+                           "seed": 0},
                 echo=lambda line: print(f"  [{name}]", line, flush=True))
 settings = model.lolcats_config
 json.dump({"window": settings.window, "sinks": settings.sinks, **row, "seconds": time.perf_counter() - started},

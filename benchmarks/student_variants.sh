@@ -15,17 +15,18 @@ limit=${2:-20}
 shift 2
 [ "${1:-}" = "--" ] && shift
 lolcats=${LOLCATS:-.venv/bin/lolcats}
+published="--window 64 --sinks 0 --gate none --linear-rope"  # LoLCATs as published; every variant starts from it
 declare -A variants=(
-  [lolcats]=""
-  [sinks4]="--sinks 4"
-  [window128]="--window 128"
-  [window256]="--window 256"
-  [window128-sinks4]="--window 128 --sinks 4"
-  [window256-sinks4]="--window 256 --sinks 4"
-  [gate-sinks4]="--gate scalar --sinks 4"
-  [gate-sinks4-norope]="--gate scalar --sinks 4 --no-linear-rope"
-  [gate]="--gate scalar"
-  [lizard]="--window 128 --sinks 4 --gate scalar --no-linear-rope"
+  [lolcats]="$published"
+  [sinks4]="$published --sinks 4"
+  [window128]="$published --window 128"
+  [window256]="$published --window 256"
+  [window128-sinks4]="$published --window 128 --sinks 4"
+  [window256-sinks4]="$published --window 256 --sinks 4"
+  [gate-sinks4]="$published --gate scalar --sinks 4"
+  [gate-sinks4-norope]="$published --gate scalar --sinks 4 --no-linear-rope"
+  [gate]="$published --gate scalar"
+  [lizard]=""  # the default student: window 128, 4 sinks, the gate, φ before RoPE (Lizard's configuration)
 )
 evaluate() {  # RUN NAME
   if [ -n "${VARIANT_TEXT:-}" ]; then
