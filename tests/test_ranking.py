@@ -108,6 +108,16 @@ def test_auto_keeps_exactly_the_k_costliest_layers_as_exact_softmax(tiny, tmp_pa
     assert "Layer ranking" in page and page.count(">kept</td>") == 2
 
 
+def prefilled_cache_bytes(model, contexts):
+    """The generation cache's bytes after a real prefill of each context (batch 1)."""
+    measured = []
+    for context in contexts:
+        ids = torch.randint(1, 96, (1, context), generator=torch.Generator().manual_seed(context))
+        with torch.no_grad():
+            measured.append(cache_nbytes(model(ids, use_cache=True).cache))
+    return measured
+
+
 @pytest.mark.parametrize("family, kept", [("llama", (1,)), ("gemma3_text", ())])
 def test_cache_bytes_by_context_match_a_real_prefill(family, kept):
     """The prediction from one short prefill equals the cache a real prefill leaves, for full and sliding softmax
@@ -116,11 +126,7 @@ def test_cache_bytes_by_context_match_a_real_prefill(family, kept):
     model = convert(tiny_model(family, **overrides), window=4, chunk_size=4, softmax_layers=kept)
     contexts = [20, 63, 100, 300]
     predicted = cache_bytes_by_context(model, contexts, probe=40)
-    measured = []
-    for context in contexts:
-        ids = torch.randint(1, 96, (1, context), generator=torch.Generator().manual_seed(context))
-        with torch.no_grad():
-            measured.append(cache_nbytes(model(ids, use_cache=True).cache))
+    measured = prefilled_cache_bytes(model, contexts)
     assert predicted == measured
     assert predicted[1] > predicted[0]  # softmax layers grow with the context
     if family == "gemma3_text":  # only sliding layers keep keys: nothing grows past their window
@@ -137,11 +143,7 @@ def test_cache_bytes_with_a_recall_cache_are_constant_and_match_a_real_prefill()
     plain.load_state_dict(model.state_dict())
     contexts = [20, 100, 300]
     predicted = cache_bytes_by_context(model, contexts, probe=40)
-    measured = []
-    for context in contexts:
-        ids = torch.randint(1, 96, (1, context), generator=torch.Generator().manual_seed(context))
-        with torch.no_grad():
-            measured.append(cache_nbytes(model(ids, use_cache=True).cache))
+    measured = prefilled_cache_bytes(model, contexts)
     assert predicted == measured and len(set(predicted)) == 1
     extra = predicted[0] - cache_bytes_by_context(plain, contexts[:1], probe=40)[0]
     layers = list(linearized_layers(model))
