@@ -135,11 +135,12 @@ def test_cache_bytes_by_context_match_a_real_prefill(family, kept):
         assert predicted[-1] > predicted[-2]
 
 
-def test_cache_bytes_with_a_recall_cache_are_constant_and_match_a_real_prefill():
-    """A recall cache adds K keys, values, features, positions and decays per query head and layer, whatever the
-    context: the one-probe prediction equals real prefills, and the extra bytes do not grow."""
-    model = convert(tiny_model("llama"), window=4, chunk_size=4, recall_cache=3)
-    plain = convert(tiny_model("llama"), window=4, chunk_size=4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_bytes_with_a_recall_cache_are_constant_and_match_a_real_prefill(dtype):
+    """A recall cache adds K keys, values (in the model's dtype), φ(k) (fp32), positions and decays per query head
+    and layer, whatever the context: the one-probe prediction equals real prefills, and the extra bytes do not grow."""
+    model = convert(tiny_model("llama"), window=4, chunk_size=4, recall_cache=3).to(dtype)
+    plain = convert(tiny_model("llama"), window=4, chunk_size=4).to(dtype)
     plain.load_state_dict(model.state_dict())
     contexts = [20, 100, 300]
     predicted = cache_bytes_by_context(model, contexts, probe=40)
@@ -148,7 +149,7 @@ def test_cache_bytes_with_a_recall_cache_are_constant_and_match_a_real_prefill()
     extra = predicted[0] - cache_bytes_by_context(plain, contexts[:1], probe=40)[0]
     layers = list(linearized_layers(model))
     layer = layers[0]
-    per_key = 2 * layer.head_dim * 4 + layer.feature_map_k.output_dim * 4 + 8 + 4  # fp32 model: k, v, φ(k), position, decay
+    per_key = 2 * layer.head_dim * dtype.itemsize + layer.feature_map_k.output_dim * 4 + 8 + 4
     assert extra == len(layers) * layer.num_heads * 3 * per_key
 
 

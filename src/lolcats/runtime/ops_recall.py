@@ -153,7 +153,9 @@ def hybrid_attention_recall(q, k, v, fq, fk, *, window: Window, recall: int, sca
     feature_dim = features_k.shape[-1]
     state = torch.zeros(batch, num_heads, feature_dim, value_dim, dtype=acc, device=v.device)
     norm = torch.zeros(batch, num_heads, feature_dim, dtype=acc, device=v.device)
-    cache = RecallCache.empty(batch, num_heads, recall, k.shape[-1], value_dim, feature_dim, dtype=acc, device=v.device)
+    # keys and values cached in the model's dtype (exact copies), as the decode state keeps them
+    cache = RecallCache.empty(batch, num_heads, recall, k.shape[-1], value_dim, feature_dim, dtype=v.dtype,
+                              device=v.device)
     gammas = gamma_per_head(gamma, num_heads, v.device, acc)
     outputs = []
     for block in range(math.ceil(length / size)):
@@ -176,7 +178,7 @@ def hybrid_attention_recall(q, k, v, fq, fk, *, window: Window, recall: int, sca
         pos_q = torch.arange(begin, end, device=v.device)[:, None]
         pos_local = torch.arange(local_begin, end, device=v.device)[None, :]
         sink_end = min(sinks, local_begin)
-        parts_k = [keys[:, :, local_begin:end], keys[:, :, :sink_end], cache.keys]
+        parts_k = [keys[:, :, local_begin:end], keys[:, :, :sink_end], cache.keys.to(acc)]
         parts_v = [values[:, :, local_begin:end], values[:, :, :sink_end], cache.values.to(acc)]
         masks = [(pos_local <= pos_q).expand(batch, num_heads, -1, -1),
                  torch.ones(batch, num_heads, end - begin, sink_end, dtype=torch.bool, device=v.device),
