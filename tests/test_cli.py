@@ -35,6 +35,9 @@ def test_convert_errors_are_clear(tmp_path):
     config.write_text("windw: 32\n")
     result = runner.invoke(app, ["convert", "--model", str(tmp_path), "--config", str(config)])
     assert result.exit_code == 2 and "windw" in result.output
+    for command in (["eval", "--text", str(tmp_path / "x.txt")], ["generate", "--prompt", "x"], ["bench", "cache"]):
+        result = runner.invoke(app, [*command, "--model", str(tmp_path / "runs" / "typo")])
+        assert result.exit_code == 2 and "no model folder or .gguf file at" in result.output, (command, result.output)
 
 
 def test_rows_that_never_reach_the_linear_term_are_refused_before_anything_runs(tiny, tmp_path):

@@ -23,6 +23,11 @@ def test_bad_model_paths_are_named(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="neither a model folder nor a .gguf file"):
         resolve_model_path(str(tmp_path / "weights.bin"))
+    # a mistyped run folder is named as a missing path, not sent to the hub as a repo id
+    for missing in (str(tmp_path / "runs" / "typo"), "runs/variants/typo", "./typo"):
+        with pytest.raises(FileNotFoundError, match="no model folder or .gguf file at"):
+            resolve_model_path(missing)
+    assert resolve_model_path("google/gemma-3-270m") == ("google/gemma-3-270m", None)  # a hub id stays one
 
 
 needs_gemma = pytest.mark.skipif(

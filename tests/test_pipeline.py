@@ -309,7 +309,7 @@ def test_eval_with_a_recall_cache_on_a_trained_run(trained_dir, tiny):
     assert recalled["settings"]["recall_cache"] == 8 and "recall_cache" not in plain["settings"]
     assert recalled["perplexity"] != plain["perplexity"]
     assert evaluate_model(out, recall_cache=0, **settings)["perplexity"] == plain["perplexity"]
-    with pytest.raises(ValueError, match="--recall-cache is for a linearized folder"):
+    with pytest.raises(ValueError, match="recall cache is for a linearized folder"):
         evaluate_model(str(tiny.model), recall_cache=8, **settings)
 
 

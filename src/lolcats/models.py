@@ -58,12 +58,23 @@ def resolve_model_path(spec: str) -> tuple[str, str | None]:
         raise ValueError(f"{path} is neither a model folder nor a .gguf file")
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+    if not path.exists() and _names_a_path(spec):
+        raise FileNotFoundError(f"no model folder or .gguf file at {path}")
     return spec, None
+
+
+def _names_a_path(spec: str) -> bool:
+    """A hub id is "name" or "namespace/name"; anything else that does not exist is a mistyped local path, and
+    is reported as one rather than as a failed hub download."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
 def load_tokenizer(spec: str):
     location, gguf_file = resolve_model_path(spec)
-    return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(location)
+    try:
+        return AutoTokenizer.from_pretrained(location, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except OSError as err:
+        raise ValueError(f"could not load the tokenizer of {spec!r}: {err}") from None
 
 
 def load_base_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):

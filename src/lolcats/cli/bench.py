@@ -248,8 +248,6 @@ def cache_command(
             raise ValueError(f"--contexts needs positive integers, got {contexts!r}")
         models = {"model": load_model(model)}
         if recall_cache is not None:
-            if not is_linearized_folder(model):
-                raise ValueError("--recall-cache is for a linearized folder: a base model has no linear state")
             set_recall_cache(models["model"], recall_cache)
         if teacher and is_linearized_folder(model):
             models["teacher"] = load_model(base_model_spec(model),

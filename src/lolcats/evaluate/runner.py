@@ -182,8 +182,6 @@ def evaluate_model(
     tokenizer = tokenizer_for(spec)
     model = load_model(spec)
     if recall_cache is not None:
-        if not linearized:
-            raise ValueError("--recall-cache is for a linearized folder: a base model has no linear state")
         set_recall_cache(model, recall_cache)
     settings = {"seq_len": seq_len, "stride": stride or seq_len - 1, "max_text_tokens": max_text_tokens,
                 "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}

@@ -56,7 +56,10 @@ def linearized_layers(model: nn.Module) -> Iterator[LinearizedAttention]:
 
 def set_recall_cache(model: nn.Module, recall: int) -> None:
     """Give every linearized layer a sparse recall cache of ``recall`` keys per head (0: none), at inference."""
-    for layer in linearized_layers(model):
+    layers = list(linearized_layers(model))
+    if not layers:
+        raise ValueError("a recall cache is for a linearized folder: a base model has no linear state")
+    for layer in layers:
         layer.set_recall(recall)
 
 
