@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 16 on Gemma-3-270M: the default student trained on rows longer than one 384-token sample, scored at 8k
+# (wikitext-2, 8 windows of 8,192 tokens, loss by position) and at 512 (benchmarks/gemma_wikitext.py), beside the
+# default recipe's run and the untrained window 128 (+ 4 sinks) rows.
+#   stream1536: the default recipe (teacher samples, 80k stage-1 tokens) with the samples packed into rows of 1,536
+#   wiki2048:   wikitext-2 training articles (qwen_prepare.sh; never the evaluation's first 65,536 tokens) in rows of
+#               2,048, 163,840 stage-1 tokens (Qwen's budget)
+# Usage: bash benchmarks/gemma_long_rows.sh   (about 2 hours on 2 cores; runs/variants/gemma-lizard must exist:
+#        VARIANTS=lizard bash benchmarks/student_variants.sh gemma3-270m 20 -- --config gemma3-270m-cpu)
+set -euo pipefail
+lolcats=${LOLCATS:-.venv/bin/lolcats}
+shared=$(cd "$(dirname "$0")/../.." && pwd)/shared
+{ read -r _; read -r train; } < <(bash "$(dirname "$0")/qwen_prepare.sh")
+recipe=$(mktemp --suffix .yaml)
+sed -e 's/^seq_len: 384/seq_len: 1536/' -e 's/^batch_tokens: 1536/batch_tokens: 3072\npacking: stream/' \
+  src/lolcats/configs/gemma3-270m-cpu.yaml > "$recipe"
+"$lolcats" linearize --config "$recipe" --out runs/variants/gemma-lizard-stream1536 --quiet
+"$lolcats" linearize --config gemma3-270m-cpu --data "$train" --seq-len 2048 --batch-tokens 4096 \
+  --stage1-tokens 163840 --out runs/variants/gemma-lizard-wiki2048 --quiet
+out=benchmarks/results/gemma3-270m-long-rows
+mkdir -p "$out"
+for run in gemma-lizard gemma-lizard-stream1536 gemma-lizard-wiki2048; do
+  "$lolcats" eval --model "runs/variants/$run" --tasks none --seq-len 8192 --text "$shared/data/wikitext2_valid_tok.txt" \
+    --max-text-tokens 65536 --position-buckets --no-fidelity --batch-size 8 --json "$out/$run-text8k.json"
+done
+for row in window sinks; do  # the untrained rows at the default's window of 128
+  PYTHONPATH=src .venv/bin/python benchmarks/long_eval_row.py runs/variants/gemma-lizard-wiki2048 "$row" text \
+    "$out/window128-$row-text8k.json"
+done
+GEMMA_WIKITEXT_NAME=gemma3-270m-wikitext2-long-rows PYTHONPATH=src .venv/bin/python benchmarks/gemma_wikitext.py \
+  "default (384-token samples)=runs/variants/gemma-lizard" \
+  "default, samples packed in rows of 1536=runs/variants/gemma-lizard-stream1536" \
+  "default, wikitext-2 rows of 2048=runs/variants/gemma-lizard-wiki2048"
