@@ -22,7 +22,7 @@ sed -e 's/^seq_len: 384/seq_len: 1536/' -e 's/^batch_tokens: 1536/batch_tokens: 
   --attention window --gate none --stage1-tokens 0 --out runs/variants/gemma-window128-sinks4-lora-wiki2048 --quiet
 out=benchmarks/results/gemma3-270m-long-rows
 mkdir -p "$out"
-PYTHONPATH=src .venv/bin/python benchmarks/stage1_only_row.py runs/variants/gemma-lizard-wiki2048 \
+PYTHONPATH=src .venv/bin/python benchmarks/long_eval_row.py runs/variants/gemma-lizard-wiki2048 stage1 text \
   "$out/gemma-lizard-wiki2048-stage1-only-text8k.json"
 for run in gemma-lizard gemma-lizard-stream1536 gemma-lizard-wiki2048 gemma-window128-sinks4-lora-wiki2048; do
   "$lolcats" eval --model "runs/variants/$run" --tasks none --seq-len 8192 --text "$shared/data/wikitext2_valid_tok.txt" \
