@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from lolcats.runtime.ops_recall import NEAR_DUPLICATE_COSINE  # a threshold, not code: the definition is below
+
 
 def in_window(kind: str, size: int, query_position: int, key_position: int, sinks: int = 0) -> bool:
     """Whether the key at relative position key_position (≤ query_position) is in the query's softmax window."""
@@ -102,7 +104,7 @@ def linear_attention_oracle(fq, fk, v, *, start=None):
 
 
 def recall_cache_oracle(q, k, v, fq, fk, *, size: int, recall: int, scaling: float = 1.0, gamma=None, start=None,
-                        sinks: int = 0, log_decay=None) -> torch.Tensor:
+                        sinks: int = 0, log_decay=None, duplicate: float = NEAR_DUPLICATE_COSINE) -> torch.Tensor:
     """Hybrid attention with a terrace window of ``size`` and a sparse recall cache of ``recall`` keys per head (LoLA,
     McDermott et al. 2025), one query at a time, written from the definition:
 
@@ -112,7 +114,9 @@ def recall_cache_oracle(q, k, v, fq, fk, *, size: int, recall: int, scaling: flo
         pred_c = Σ_j φ(k_c)·φ(k_j) v_j / Σ_j φ(k_c)·φ(k_j)   over j in the state and the candidates
         err_c  = ‖v_c − pred_c‖²
     the ``recall`` candidates with the largest error stay in the cache (exact softmax terms, in every query's window
-    from then on), the others join the linear state for good. Everything else is the hybrid attention above.
+    from then on), the others join the linear state for good; but a candidate whose value has cosine > ``duplicate``
+    with that of a candidate ranked before it (larger error, or equal error and listed first) ranks after every
+    candidate that has none. Everything else is the hybrid attention above.
 
     With a decay gate (``log_decay``), the state is the one the block's first query i sees: every φ(k_j) in the sums
     above carries its decay d_ij = Π_{t=j+1..i} g_t, candidates included (a key keeps no decay while cached, and
@@ -151,6 +155,14 @@ def recall_cache_oracle(q, k, v, fq, fk, *, size: int, recall: int, scaling: flo
                         pred = sum(w * v[b, kv_head, j] for w, j in zip(weights, pool)) / sum(weights)
                         errors.append(float(((v[b, kv_head, c] - pred) ** 2).sum()))
                     order = sorted(range(len(candidates)), key=lambda n: -errors[n])
+
+                    def copies_one_before(i: int) -> bool:
+                        mine = v[b, kv_head, candidates[order[i]]]
+                        return any(float(torch.cosine_similarity(mine, v[b, kv_head, candidates[m]], dim=0)) > duplicate
+                                   for m in order[:i])
+
+                    copies = [copies_one_before(i) for i in range(len(order))]
+                    order = [n for i, n in enumerate(order) if not copies[i]] + [n for i, n in enumerate(order) if copies[i]]
                     cache = [candidates[n] for n in order[:recall]]
                     folded += [candidates[n] for n in order[recall:]]
                 window_keys = [j for j in range(first, i + 1) if in_window("terrace", size, p, j - first, sinks)]

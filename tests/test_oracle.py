@@ -29,7 +29,7 @@ from lolcats.runtime.ops import (
     recurrent_state_from_prefix,
     softmax_attention,
 )
-from lolcats.runtime.ops_recall import hybrid_attention_recall
+from lolcats.runtime.ops_recall import RecallCache, hybrid_attention_recall, select_recall
 
 RTOL = 1e-5  # fp32 paths against the fp64 oracle, relative to the largest output
 FP64_RTOL = 1e-10  # the reference and chunked paths accumulate in fp64 for fp64 inputs
@@ -357,14 +357,23 @@ def test_decay_gate_prefill_then_steps_match_oracle(kind, size, sinks, prompt):
 RECALL_SHAPES = [(4, 0, 3, 37), (3, 1, 2, 40), (4, 2, 5, 29), (5, 0, 8, 31), (2, 0, 1, 23)]
 
 
+def with_copies(v: torch.Tensor, period: int = 5) -> torch.Tensor:
+    """``v`` whose every position from ``period`` on repeats an earlier value, rescaled (cosine 1, its own error)."""
+    scale = 1 + 0.1 * torch.arange(v.shape[2], dtype=v.dtype)
+    return v[:, :, torch.arange(v.shape[2]) % period] * scale[:, None]
+
+
+@pytest.mark.parametrize("copies", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 1])
 @pytest.mark.parametrize("size,sinks,recall,length", RECALL_SHAPES)
-def test_recall_cache_matches_oracle(size, sinks, recall, length, kv_heads, gated):
+def test_recall_cache_matches_oracle(size, sinks, recall, length, kv_heads, gated, copies):
     """The sparse recall cache, block by block (full forward and prefill) and token by token (decode), against the
-    oracle's one-query-at-a-time definition, left-padded rows included, with and without a decay gate; it changes
-    the output, as it must."""
+    oracle's one-query-at-a-time definition, left-padded rows included, with and without a decay gate, with values
+    that repeat (near-duplicates ranked last) or not; it changes the output, as it must."""
     q, k, v, fq, fk, gamma = make_inputs(3, kv_heads, length, seed=length + recall + kv_heads)
+    if copies:
+        v = with_copies(v)
     start = starts_for(3, length)
     window = Window("terrace", size, sinks)
     log_decay = -0.3 * torch.rand(3, HEADS, length, generator=torch.Generator().manual_seed(length)) if gated else None
@@ -380,6 +389,26 @@ def test_recall_cache_matches_oracle(size, sinks, recall, length, kv_heads, gate
         ungated = recall_cache_oracle(q, k, v, fq, fk, size=size, recall=recall, scaling=0.35, gamma=gamma,
                                       start=start, sinks=sinks)
         assert max_relative_error(ungated, expected) > 1e-2
+
+
+def test_recall_cache_keeps_a_distinct_key_over_copies_of_a_worse_recalled_one():
+    """Five copies of a value the state recalls badly and one distinct value it recalls less badly, two slots: LoLA's
+    rule (largest error first) would cache two copies; one copy and the distinct key are cached."""
+    batch, heads, dim, features = 1, 1, 4, 3
+    state = torch.zeros(batch, heads, features, dim)
+    state[..., 0] = -10.0 * 50  # fifty keys of value −10·e1 already in the state, φ uniform
+    norm = torch.full((batch, heads, features), 50.0)
+    cache = RecallCache.empty(batch, heads, 2, dim, dim, features)
+    copy, distinct = torch.tensor([10.0, 0, 0, 0]), torch.tensor([0, 3.0, 0, 0])
+    values = torch.stack([copy * (1 + 0.01 * n) for n in range(5)] + [distinct])[None, None]
+    keys = torch.randn(1, 1, 6, dim, generator=torch.Generator().manual_seed(0))
+    uniform = torch.ones(1, 1, 6, features)
+    positions = torch.arange(10, 16)[None, None]
+    _, _, kept = select_recall(state, norm, cache, keys, values, uniform, positions)
+    assert set(kept.positions.flatten().tolist()) == {14, 15}  # the largest copy and the distinct value
+    with_state = state + uniform.transpose(-1, -2) @ values
+    errors = (values - (uniform @ with_state) / (uniform * (norm + uniform.sum(2))[:, :, None]).sum(-1, keepdim=True))
+    assert errors.pow(2).sum(-1)[0, 0, :5].min() > errors.pow(2).sum(-1)[0, 0, 5]  # every copy is worse recalled
 
 
 def test_recall_cache_with_a_gate_that_forgets_nothing_is_the_ungated_cache():
