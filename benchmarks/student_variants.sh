@@ -27,6 +27,7 @@ declare -A variants=(
   [gate-sinks4-norope]="$published --gate scalar --sinks 4 --no-linear-rope"
   [gate]="$published --gate scalar"
   [lizard]=""  # the default student: window 128, 4 sinks, the gate, φ before RoPE (Lizard's configuration)
+  [lizard-nosinks]="--sinks 0"  # the default without sinks: for contexts past the teacher's RoPE range
 )
 evaluate() {  # RUN NAME
   if [ -n "${VARIANT_TEXT:-}" ]; then
