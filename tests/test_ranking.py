@@ -166,3 +166,40 @@ def test_cli_rank_layers_and_auto_flag(tiny, tmp_path):
                                           "--out", str(tmp_path / "bad"), "--softmax-layers", bad])
         assert result.exit_code != 0 and "auto:K" in result.output, (bad, result.output)
         assert not (tmp_path / "bad").exists()
+
+
+def test_rank_from_a_run_uses_its_stage1_features_without_its_lora(tiny, tmp_path):
+    """`rank-layers --from RUN`: no training; the KL of each layer is that of the run's stage-1 φ and γ on the frozen
+    base (LoRA dropped), on the run's held-out split; the run's files are left as they were."""
+    from lolcats.convert import merge_lora
+    from lolcats.training.linearize import rank_layers_from_run
+    from lolcats.training.prepare import prepare
+    from lolcats.training.ranking import held_out_batches
+
+    out = tmp_path / "run"
+    run = run_settings(tiny, out, stage2_tokens=1024)
+    linearize(run, echo=lambda line: None, progress=False)
+    manifest_bytes, adapter_bytes = (out / "lolcats.json").read_bytes(), (out / "adapter.safetensors").read_bytes()
+
+    ranked = rank_layers_from_run(out, {}, echo=lambda line: None)
+    assert (out / "lolcats.json").read_bytes() == manifest_bytes
+    assert (out / "adapter.safetensors").read_bytes() == adapter_bytes
+    saved = json.loads((out / "ranking.json").read_text())
+    assert saved["order"] == ranked["order"] and saved["from_run"] == str(out) and saved["stage1"]["tokens"] > 0
+
+    prepared = prepare(run, echo=lambda line: None)
+    batches = held_out_batches(prepared.held, prepared.pad_id, batch_tokens=run.batch_tokens, max_tokens=run.rank_tokens)
+    stage1_only = lolcats.load(out, merge=False, dtype=torch.float32)
+    merge_lora(stage1_only, merge=False)
+    expected = layer_costs(stage1_only, batches, echo=lambda line: None)
+    assert [row["kl"] for row in ranked["layers"]] == pytest.approx([row["kl"] for row in expected["layers"]], rel=1e-5)
+    with_lora = layer_costs(lolcats.load(out, dtype=torch.float32), batches, echo=lambda line: None)
+    assert [row["kl"] for row in with_lora["layers"]] != pytest.approx([row["kl"] for row in expected["layers"]], rel=1e-3)
+
+    result = CliRunner().invoke(app, ["rank-layers", "--from", str(out), "--window", "8"])
+    assert result.exit_code != 0 and "drop --window" in result.output
+    result = CliRunner().invoke(app, ["rank-layers", "--from", str(tmp_path / "missing")])
+    assert result.exit_code != 0 and "missing" in result.output
+    result = CliRunner().invoke(app, ["rank-layers", "--from", str(out), "--out", str(tmp_path / "again"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "again" / "ranking.json").read_text())["order"] == ranked["order"]

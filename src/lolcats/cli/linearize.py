@@ -13,7 +13,7 @@ from ..training.blockwise import blockwise_collect, blockwise_stitch, blockwise_
 from ..training.config import RunConfig
 from ..training.distributed import init_from_environment
 from ..training.linearize import linearize as run_linearize
-from ..training.linearize import rank_layers
+from ..training.linearize import rank_layers, rank_layers_from_run
 from ..training.loop import TrainingError
 from .app import app, fail
 
@@ -137,6 +137,7 @@ def linearize_command(
 
 @app.command("rank-layers")
 def rank_layers_command(
+    from_run: Optional[Path] = typer.Option(None, "--from", help="A finished `linearize` folder: rank with its stage-1 φ and γ (LoRA dropped) on its held-out split, with no training; --model, --config, --tokens and the conversion flags come from its manifest."),
     model: Optional[str] = typer.Option(None, help=_MODEL_HELP),
     data: Optional[list[Path]] = typer.Option(None, help="Text (.txt or .jsonl) for stage 1 and the held-out KL; repeatable."),
     out: Optional[Path] = typer.Option(None, help="Folder for ranking.json (and stage 1's logs)."),
@@ -162,6 +163,15 @@ def rank_layers_command(
                  window=window, sinks=sinks, gate=gate, local_layers=local_layers, seq_len=seq_len, dtype=dtype,
                  seed=seed, stage2_tokens=0)
     try:
+        if from_run is not None:
+            recorded = ("model", "stage1_tokens", "window", "sinks", "gate", "local_layers", "seq_len", "dtype", "seed")
+            clashing = [f"--{key.replace('_', '-')}" for key in recorded if flags[key] is not None] + (["--config"] if config else [])
+            if clashing:
+                raise ValueError(f"--from takes the model, conversion and data settings of the run; drop {', '.join(clashing)}")
+            overrides = {key: flags[key] for key in ("data", "out", "rank_tokens", "probe_context", "rank_by")
+                         if flags[key] is not None}
+            rank_layers_from_run(from_run, overrides, probe=probe, echo=typer.echo)
+            return
         rank_layers(run_config(config, flags), probe=probe, echo=typer.echo, progress=not quiet)
     except (ValueError, FileNotFoundError, NotImplementedError, TrainingError) as err:
         fail(err)

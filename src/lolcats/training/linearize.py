@@ -18,7 +18,9 @@ import peft
 import torch
 import transformers
 
-from ..artifacts import ADAPTER, adapter_state, atomic_write_json, converted_with_lora, copy_tensors_into, save_adapter
+from ..artifacts import (ADAPTER, ArtifactError, adapter_state, atomic_write_json, converted_with_lora, copy_tensors_into,
+                         load_adapter_into, matches_fingerprint, read_manifest, save_adapter)
+from ..config import LinearizeConfig
 from ..convert import add_lora, convert, linearized_layers, lora_parameters, merge_lora, set_attention_mode
 from ..data import IGNORE_INDEX, count_tokens, make_batches
 from ..evaluate.perplexity import next_token_nll, perplexity
@@ -166,6 +168,41 @@ def rank_layers(run: RunConfig, *, probe: bool = False, echo: Callable[[str], No
     atomic_write_json(out / "ranking.json", result)
     echo(format_ranking(ranking, ranking["order"]))
     echo(f"saved {out / 'ranking.json'} ({result['seconds']:.0f} s)")
+    return result
+
+
+def rank_layers_from_run(run_dir: str | Path, overrides: dict, *, probe: bool = False,
+                         echo: Callable[[str], None] = print) -> dict:
+    """`lolcats rank-layers --from RUN`: rank with a finished run's stage-1 φ, γ and gate, its LoRA dropped, on its
+    own held-out split (the recorded data, seq_len and seed), with no training: a stage 1 of every layer is a stage 1
+    of each layer alone (ranking.py). ``overrides``: out (default RUN: ranking.json beside its manifest), data,
+    rank_tokens, probe_context, rank_by. Writes OUT/ranking.json and returns it."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if "stage1" not in manifest.get("stages", {}):
+        raise ValueError(f"{run_dir} had no stage 1 (its φ and γ are untrained): rank with a stage 1 instead of --from")
+    recorded = {key: value for key, value in manifest["run"].items() if key in RunConfig.model_fields}
+    run = RunConfig(**{**recorded, "out": str(run_dir), "resume": False, **overrides})
+    prepared = prepare(run, echo)
+    which = matches_fingerprint(prepared.model, manifest["base_model"])
+    if which:
+        raise ArtifactError(f"{run_dir} was trained on another base model than {run.model!r} ({which} differ)")
+    lora = manifest.get("lora")
+    model = converted_with_lora(prepared.model, LinearizeConfig.model_validate(manifest["conversion"]), lora)
+    load_adapter_into(model, run_dir / ADAPTER)
+    if lora:
+        merge_lora(model, merge=False)  # stage 2 adapted the projections to every layer's student at once
+    model.eval()
+    ranking = rank_converted_layers(run, prepared, model, probe=probe, echo=echo)
+    result = {"base_model": manifest["base_model"], "conversion": manifest["conversion"], "seed": run.seed,
+              "from_run": str(run_dir), "stage1": manifest["stages"]["stage1"], **ranking,
+              "seconds": time.perf_counter() - started}
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "ranking.json", result)
+    echo(format_ranking(ranking, ranking["order"]))
+    echo(f"saved {out / 'ranking.json'} ({result['seconds']:.0f} s, no training: the stage 1 of {run_dir})")
     return result
 
 
