@@ -203,3 +203,39 @@ def test_rank_from_a_run_uses_its_stage1_features_without_its_lora(tiny, tmp_pat
     result = CliRunner().invoke(app, ["rank-layers", "--from", str(out), "--out", str(tmp_path / "again"), "--quiet"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "again" / "ranking.json").read_text())["order"] == ranked["order"]
+
+
+def test_stage1_from_a_run_reuses_its_feature_maps_for_another_choice_of_softmax_layers(tiny, tmp_path):
+    """`--stage1-from RUN`: no stage-1 training; every layer still linear gets the run's φ, γ and gate exactly; with the
+    same layers and no stage 2 the model is the run's; a different conversion, a layer the run never trained, or
+    another base is refused before anything is written."""
+    from lolcats.artifacts import read_tensors
+    from lolcats.training.transfer import transfer_parameters
+
+    source = tmp_path / "source"
+    linearize(run_settings(tiny, source), echo=lambda line: None, progress=False)
+    saved, _ = read_tensors(source / "adapter.safetensors")
+
+    same = tmp_path / "same"
+    manifest = linearize(run_settings(tiny, same, stage1_from=str(source)), echo=lambda line: None, progress=False)
+    assert manifest["stages"]["stage1"]["from_run"] == str(source) and not (same / "logs" / "stage1.jsonl").exists()
+    ids = torch.randint(1, 200, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lolcats.load(same, dtype=torch.float32)(ids).logits,
+                           lolcats.load(source, dtype=torch.float32)(ids).logits)
+
+    hybrid = tmp_path / "hybrid"
+    manifest = linearize(run_settings(tiny, hybrid, stage1_from=str(source), stage2_tokens=1024,
+                                      conversion={"window": 16, "softmax_layers": (1,)}),
+                         echo=lambda line: None, progress=False)
+    assert list(manifest["conversion"]["softmax_layers"]) == [1] and manifest["stages"]["stage2"]["tokens"] > 0
+    reused = transfer_parameters(lolcats.load(hybrid, dtype=torch.float32))
+    assert reused and not any(".layers.1." in name for name in reused)
+    assert all(torch.equal(parameter, saved[name]) for name, parameter in reused.items())
+
+    with pytest.raises(ValueError, match="window 16 there, 8 here"):
+        linearize(run_settings(tiny, tmp_path / "bad", stage1_from=str(source), conversion={"window": 8}),
+                  echo=lambda line: None, progress=False)
+    with pytest.raises(ValueError, match=r"kept layers \[1\] as softmax"):
+        linearize(run_settings(tiny, tmp_path / "bad", stage1_from=str(hybrid)), echo=lambda line: None, progress=False)
+    assert not (tmp_path / "bad" / "lolcats.json").exists()

@@ -101,6 +101,7 @@ def linearize_command(
     dtype: Optional[str] = typer.Option(None, help="auto | bfloat16 | float32: the frozen base weights' dtype (auto: bf16 where the device computes it natively)."),
     stage1_tokens: Optional[int] = typer.Option(None, help="Attention-transfer tokens; 0 skips stage 1 (LoRA-only baseline)."),
     stage2_tokens: Optional[int] = typer.Option(None, help="LoRA tokens; 0 skips stage 2."),
+    stage1_from: Optional[Path] = typer.Option(None, help="A finished run (same base and conversion) whose stage-1 φ, γ and gate to reuse instead of training: one stage 1 serves every choice of --softmax-layers."),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank (default 8; alpha = 2 x rank unless set in YAML)."),
     seed: Optional[int] = typer.Option(None, help="Seed for data order, split and initialisation."),
     eval_text: Optional[list[Path]] = typer.Option(None, help="Text for the final teacher vs linearized perplexity; repeatable."),
@@ -127,6 +128,7 @@ def linearize_command(
                  seq_len=seq_len,
                  batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens,
                  activation_checkpointing=activation_checkpointing, dtype=dtype, stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens, lora_rank=lora_rank, seed=seed,
+                 stage1_from=str(stage1_from) if stage1_from else None,
                  eval_text=[str(p) for p in eval_text] if eval_text else None, block_size=block_size,
                  activations=str(activations) if activations else None)
     try:

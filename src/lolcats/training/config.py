@@ -66,6 +66,10 @@ class RunConfig(BaseModel):
     # block-wise stage 1 (None: joint): blocks of block_size consecutive layers train apart from stored
     # teacher activations (see stages/blockwise.py)
     block_size: int | None = Field(None, ge=1)
+    # A finished run whose stage-1 φ, γ and gate to reuse instead of training (`--stage1-from RUN`): stage 1 trains
+    # each layer on teacher inputs, so its result for a layer does not depend on which others are linearized, and
+    # one stage 1 serves every choice of softmax layers. Same base and conversion; softmax_layers may grow.
+    stage1_from: str | None = None
     activations: str | None = None  # folder for the stored activations (default: <out>/blockwise/activations)
     activation_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     # Under a launcher: "ddp" replicates the model in every process; "fsdp" shards it for stage 2 (LoRA), each
@@ -103,6 +107,13 @@ class RunConfig(BaseModel):
         if value >= 1 and value != int(value):
             raise ValueError(f"softmax_auto (auto:K) takes a whole number of layers or a fraction below 1, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _stage1_from_is_a_stage1(self):
+        if self.stage1_from and self.block_size:
+            raise ValueError("stage1_from reuses a finished stage 1; block-wise training (block_size) is a way to run "
+                             "one: use one or the other")
+        return self
 
     @model_validator(mode="after")
     def _rows_reach_the_linear_term(self):

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from ..artifacts import (ADAPTER, ArtifactError, adapter_state, atomic_write_json, converted_with_lora, copy_tensors_into,
-                         load_adapter_into, matches_fingerprint, read_manifest, save_adapter)
+                         load_adapter_into, matches_fingerprint, read_manifest, read_tensors, save_adapter)
 from ..config import LinearizeConfig
 from ..convert import add_lora, convert, linearized_layers, lora_parameters, merge_lora, set_attention_mode
 from ..data import IGNORE_INDEX, count_tokens, make_batches
@@ -77,7 +77,9 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     echo(f"converted layers {[layer.layer_idx for layer in layers]}")
     stages: dict[str, dict] = {}
 
-    if run.stage1_tokens > 0 and any(layer.use_linear for layer in layers):
+    if run.stage1_from:
+        stages["stage1"] = reuse_stage1(Path(run.stage1_from), model, prepared.base_fingerprint, conversion, echo=echo)
+    elif run.stage1_tokens > 0 and any(layer.use_linear for layer in layers):
         stages["stage1"] = attention_transfer(run, prepared, model, echo=echo, progress=progress)
     set_attention_mode(model, "linear")
     ranking = None
@@ -223,6 +225,34 @@ def attention_transfer(run: RunConfig, prepared, model, *, echo=print, progress:
     echo(f"stage 1: {result.tokens:,} tokens, {result.tokens_per_s:.0f} tok/s, eval loss "
          f"{result.first_eval_loss:.4g} -> {result.best_eval_loss:.4g} (best at step {result.best_step})")
     return result.summary()
+
+
+def reuse_stage1(source: Path, model, base_fingerprint: dict, conversion: LinearizeConfig, *, echo=print) -> dict:
+    """Copy a finished run's stage-1 φ, γ and gate into ``model`` (converted with ``conversion``): the same base and
+    conversion, with the same or more softmax layers. Returns the source's stage-1 summary, marked with its folder."""
+    manifest = read_manifest(source)
+    if "stage1" not in manifest.get("stages", {}):
+        raise ValueError(f"--stage1-from {source}: that run had no stage 1 to reuse")
+    differing = [key for key in base_fingerprint if manifest["base_model"].get(key) != base_fingerprint[key]]
+    if differing:
+        raise ArtifactError(f"--stage1-from {source} was trained on another base model ({', '.join(differing)} differ)")
+    theirs = LinearizeConfig.model_validate(manifest["conversion"])
+    mismatched = [key for key in LinearizeConfig.model_fields if key not in ("softmax_layers", "recall_cache")
+                  and getattr(theirs, key) != getattr(conversion, key)]
+    if mismatched:
+        raise ValueError(f"--stage1-from {source} was converted differently: "
+                         + ", ".join(f"{key} {getattr(theirs, key)!r} there, {getattr(conversion, key)!r} here"
+                                     for key in mismatched))
+    untrained = sorted(set(theirs.softmax_layers) - set(conversion.softmax_layers))
+    if untrained:
+        raise ValueError(f"--stage1-from {source} kept layers {untrained} as softmax: it has no stage 1 for them; keep "
+                         "them as softmax here too (--softmax-layers)")
+    saved, _ = read_tensors(source / ADAPTER)
+    wanted = transfer_parameters(model)
+    copy_tensors_into(wanted, {name: saved[name] for name in wanted if name in saved}, str(source / ADAPTER))
+    echo(f"stage 1: reused from {source} ({len(wanted)} tensors; {manifest['stages']['stage1'].get('tokens', 0):,} "
+         "tokens there)")
+    return {**manifest["stages"]["stage1"], "from_run": str(source)}
 
 
 def rank_converted_layers(run: RunConfig, prepared, model, *, probe: bool = False, echo=print) -> dict:
