@@ -22,8 +22,11 @@ for step in $steps; do
     mmlu) "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu --num-fewshot 5 --limit 20 \
         --no-fidelity --recall-cache 256 --json "$out/default-lizard-recall256-mmlu.json" ;;
     text) for k in 64 256; do
+        # the K = 64 run also scores the teacher and window + sinks rows of the README's table
+        baselines=$([ $k = 64 ] && echo "--baselines teacher,sinks" || true)
+        # shellcheck disable=SC2086
         "$lolcats" eval --model "$run" --tasks none --text "$shared/data/wikitext2_valid_tok.txt" --seq-len 8192 \
-          --max-text-tokens 16384 --position-buckets --no-fidelity --recall-cache $k \
+          --max-text-tokens 16384 --position-buckets --no-fidelity --recall-cache $k $baselines \
           --json "$out/default-lizard-recall$k-text16k.json"
       done ;;
     *) echo "unknown step $step (retrieval passkey4k mmlu text)" >&2; exit 2 ;;
