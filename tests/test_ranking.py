@@ -2,6 +2,7 @@
 each choice costs (training/ranking.py, cli/bench.py)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -238,4 +239,11 @@ def test_stage1_from_a_run_reuses_its_feature_maps_for_another_choice_of_softmax
                   echo=lambda line: None, progress=False)
     with pytest.raises(ValueError, match=r"kept layers \[1\] as softmax"):
         linearize(run_settings(tiny, tmp_path / "bad", stage1_from=str(hybrid)), echo=lambda line: None, progress=False)
+    other = tmp_path / "other-base"
+    shutil.copytree(source, other)
+    manifest = json.loads((other / "lolcats.json").read_text())
+    manifest["base_model"]["weights_sha256"] = "0" * 64
+    (other / "lolcats.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="another base model"):
+        linearize(run_settings(tiny, tmp_path / "bad", stage1_from=str(other)), echo=lambda line: None, progress=False)
     assert not (tmp_path / "bad" / "lolcats.json").exists()

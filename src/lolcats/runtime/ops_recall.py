@@ -11,8 +11,9 @@ and the others join (S, z) for good. One departure from LoLA, measured: a candid
 repeated token that φ recalls badly has the same large error at each of its copies: on the passkey prompts' periodic
 filler, LoLA's rule fills whole heads with copies of one word ("grass" 157 times out of 256) and drops the needle
 (Qwen2.5-0.5B, 4k, needle at depth 0.1: 0/3 with K = 256 and with K = 512; 3/3 with K = 256 and this rule). A
-copy adds nothing an exact softmax term of the first does not: duplicates keep the slots that distinct keys leave. Queries of block b attend with softmax to their window, the sinks and the
-cache, and linearly to (S, z), in one normaliser. Sinks never become candidates. ``tests/oracle.py`` spells the
+copy adds nothing an exact softmax term of the first does not: duplicates keep the slots that distinct keys leave.
+Queries of block b attend with softmax to their window, the sinks and the cache, and linearly to (S, z), in one
+normaliser. Sinks never become candidates. ``tests/oracle.py`` spells the
 same definition out one query at a time; ``hybrid_attention_recall`` computes it block by block (the full forward and
 the prefill), ``select_recall`` is the step both it and the recurrent decode (ops_recurrent) take at a block start.
 The cache holds ``recall`` keys, values and features per head whatever the context: memory stays constant.

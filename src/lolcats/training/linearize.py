@@ -78,7 +78,7 @@ def linearize(run: RunConfig, echo: Callable[[str], None] = print, progress: boo
     stages: dict[str, dict] = {}
 
     if run.stage1_from:
-        stages["stage1"] = reuse_stage1(Path(run.stage1_from), model, prepared.base_fingerprint, conversion, echo=echo)
+        stages["stage1"] = reuse_stage1(Path(run.stage1_from), model, conversion, echo=echo)
     elif run.stage1_tokens > 0 and any(layer.use_linear for layer in layers):
         stages["stage1"] = attention_transfer(run, prepared, model, echo=echo, progress=progress)
     set_attention_mode(model, "linear")
@@ -167,9 +167,15 @@ def rank_layers(run: RunConfig, *, probe: bool = False, echo: Callable[[str], No
     ranking = rank_converted_layers(run, prepared, model, probe=probe, echo=echo)
     result = {"base_model": {"spec": run.model, **prepared.base_fingerprint}, "conversion": run.conversion.model_dump(mode="json"),
               "seed": run.seed, "stage1": stage1, **ranking, "seconds": time.perf_counter() - started}
+    return _save_ranking(out, result, echo)
+
+
+def _save_ranking(out: Path, result: dict, echo, how: str = "") -> dict:
+    """Write OUT/ranking.json (read by `lolcats report`) and print its table."""
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "ranking.json", result)
-    echo(format_ranking(ranking, ranking["order"]))
-    echo(f"saved {out / 'ranking.json'} ({result['seconds']:.0f} s)")
+    echo(format_ranking(result, result["order"]))
+    echo(f"saved {out / 'ranking.json'} ({result['seconds']:.0f} s{how})")
     return result
 
 
@@ -200,12 +206,7 @@ def rank_layers_from_run(run_dir: str | Path, overrides: dict, *, probe: bool = 
     result = {"base_model": manifest["base_model"], "conversion": manifest["conversion"], "seed": run.seed,
               "from_run": str(run_dir), "stage1": manifest["stages"]["stage1"], **ranking,
               "seconds": time.perf_counter() - started}
-    out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "ranking.json", result)
-    echo(format_ranking(ranking, ranking["order"]))
-    echo(f"saved {out / 'ranking.json'} ({result['seconds']:.0f} s, no training: the stage 1 of {run_dir})")
-    return result
+    return _save_ranking(Path(run.out), result, echo, f", no training: the stage 1 of {run_dir}")
 
 
 def attention_transfer(run: RunConfig, prepared, model, *, echo=print, progress: bool = True) -> dict:
@@ -227,15 +228,15 @@ def attention_transfer(run: RunConfig, prepared, model, *, echo=print, progress:
     return result.summary()
 
 
-def reuse_stage1(source: Path, model, base_fingerprint: dict, conversion: LinearizeConfig, *, echo=print) -> dict:
+def reuse_stage1(source: Path, model, conversion: LinearizeConfig, *, echo=print) -> dict:
     """Copy a finished run's stage-1 φ, γ and gate into ``model`` (converted with ``conversion``): the same base and
     conversion, with the same or more softmax layers. Returns the source's stage-1 summary, marked with its folder."""
     manifest = read_manifest(source)
     if "stage1" not in manifest.get("stages", {}):
         raise ValueError(f"--stage1-from {source}: that run had no stage 1 to reuse")
-    differing = [key for key in base_fingerprint if manifest["base_model"].get(key) != base_fingerprint[key]]
-    if differing:
-        raise ArtifactError(f"--stage1-from {source} was trained on another base model ({', '.join(differing)} differ)")
+    which = matches_fingerprint(model, manifest["base_model"])  # (the converted layers' own tensors are skipped)
+    if which:
+        raise ArtifactError(f"--stage1-from {source} was trained on another base model ({which} differ)")
     theirs = LinearizeConfig.model_validate(manifest["conversion"])
     mismatched = [key for key in LinearizeConfig.model_fields if key not in ("softmax_layers", "recall_cache")
                   and getattr(theirs, key) != getattr(conversion, key)]
