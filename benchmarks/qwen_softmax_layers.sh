@@ -1,32 +1,59 @@
 #!/usr/bin/env bash
 # Issue 17 on Qwen2.5-Coder-0.5B-Instruct (24 layers): which layers to keep as softmax, by measurement.
-# 1. `lolcats rank-layers --from BASE` (timed): each layer's held-out KL and passkey probe with the stage 1 of the
-#    default all-linear run BASE (benchmarks/student_variants.sh's qwen-lizard; the K = 0 row), no training.
-# 2. For K = 3 and 6: the K ranked layers and the same count placed uniformly kept as softmax, each a stage 2 on
-#    BASE's stage 1 (`--stage1-from`: stage 1 trains each layer on teacher inputs, so it is the same for any
-#    choice), same data, budget and seed; each evaluated by long_eval.sh without baselines (the teacher, window and
-#    sinks rows are benchmarks/qwen_long.sh's). 3. Generation-cache bytes at 8k and 32k for each (`lolcats bench cache`).
-# Usage: bash benchmarks/qwen_softmax_layers.sh [LIMIT] [COUNTS]   (default 20, "3 6"); BASE=runs/variants/qwen-lizard
+# 1. `lolcats rank-layers --from BASE` (timed; skipped when runs/qwen-layers/ranking/ranking.json exists): each
+#    layer's held-out KL and passkey probe with the stage 1 of the default all-linear run BASE
+#    (benchmarks/student_variants.sh's qwen-lizard; the K = 0 row), no training.
+# 2. For each count K and placement (ranked: the K costliest layers; uniform: layers (i + 1/2)·24/K), a stage 2 on
+#    BASE's stage 1 (`--stage1-from`: stage 1 trains each layer on teacher inputs, so it is the same for any choice),
+#    same data, budget and seed; generation-cache bytes at 8k and 32k (`lolcats bench cache`).
+# 3. PARTS: "long" = wikitext-2 in 8k windows with loss by position, passkey and multikey at 1k-8k (long_eval.sh's
+#    settings, about 25 min of one core a row); "mmlu" = MMLU 5-shot, LIMIT a subject (about 60 min a row). Each
+#    part its own JSON, RUN/eval-{long,mmlu}.json, copied to benchmarks/results/softmax-layers-qwen2.5-coder-0.5b/.
+#    The teacher and window + sinks rows are benchmarks/student_variants.sh's, measured with the same settings.
+# Usage: bash benchmarks/qwen_softmax_layers.sh [COUNTS] [PLACEMENTS] [PARTS] [LIMIT]
+#   (default "3 6", "ranked uniform", "long mmlu", 20); two lanes on 2 cores: one per placement.
 set -euo pipefail
-limit=${1:-20}
-counts=${2:-3 6}
+counts=${1:-3 6}
+placements=${2:-ranked uniform}
+parts=${3:-long mmlu}
+limit=${4:-20}
 base=${BASE:-runs/variants/qwen-lizard}
 lolcats=${LOLCATS:-.venv/bin/lolcats}
+shared=$(cd "$(dirname "$0")/../.." && pwd)/shared
+results=benchmarks/results/softmax-layers-qwen2.5-coder-0.5b
+ranking=runs/qwen-layers/ranking/ranking.json
 { read -r gguf; read -r train; } < <(bash "$(dirname "$0")/qwen_prepare.sh")
-mkdir -p runs/qwen-layers benchmarks/results
-/usr/bin/time -f "rank-layers: %e s wall, %M KB peak RSS" "$lolcats" rank-layers --from "$base" --probe \
-  --out runs/qwen-layers/ranking 2>&1 | tee benchmarks/results/qwen2.5-coder-0.5b-ranking.txt
-cp runs/qwen-layers/ranking/ranking.json benchmarks/results/qwen2.5-coder-0.5b-ranking.json
-"$lolcats" bench cache --model "$base" --contexts 8192,32768 --json "benchmarks/results/cache-qwen2.5-coder-0.5b-softmax0.json"
-for k in $counts; do
-  ranked=$(.venv/bin/python -c "import json; print(','.join(map(str, sorted(json.load(open('runs/qwen-layers/ranking/ranking.json'))['order'][:$k]))))")
-  uniform=$(.venv/bin/python -c "print(','.join(str(int((i + 0.5) * 24 / $k)) for i in range($k)))")
-  for placement in ranked uniform; do
-    layers=$([ "$placement" = ranked ] && echo "$ranked" || echo "$uniform")
-    run=runs/qwen-layers/softmax$k-$placement
-    "$lolcats" linearize --model "$gguf" --data "$train" --seq-len 1024 --batch-tokens 4096 --stage2-tokens 24576 \
-      --stage1-from "$base" --softmax-layers "$layers" --out "$run" --quiet
-    LOLCATS_BASELINES=none bash "$(dirname "$0")/long_eval.sh" "$run" "qwen2.5-coder-0.5b-softmax$k-$placement" "$limit"
-    "$lolcats" bench cache --model "$run" --contexts 8192,32768 --json "benchmarks/results/cache-qwen2.5-coder-0.5b-softmax$k-$placement.json"
+mkdir -p runs/qwen-layers "$results"
+if [ ! -f "$ranking" ]; then
+  /usr/bin/time -f "rank-layers: %e s wall, %M KB peak RSS" "$lolcats" rank-layers --from "$base" --probe \
+    --out runs/qwen-layers/ranking 2>&1 | tee benchmarks/results/qwen2.5-coder-0.5b-ranking.txt
+  cp "$ranking" benchmarks/results/qwen2.5-coder-0.5b-ranking.json
+fi
+[ -f "$results/cache-softmax0.json" ] || \
+  "$lolcats" bench cache --model "$base" --contexts 8192,32768 --json "$results/cache-softmax0.json"
+for part in $parts; do
+  for k in $counts; do
+    ranked=$(.venv/bin/python -c "import json; print(','.join(map(str, sorted(json.load(open('$ranking'))['order'][:$k]))))")
+    uniform=$(.venv/bin/python -c "print(','.join(str(int((i + 0.5) * 24 / $k)) for i in range($k)))")
+    for placement in $placements; do
+      layers=$([ "$placement" = ranked ] && echo "$ranked" || echo "$uniform")
+      run=runs/qwen-layers/softmax$k-$placement
+      if [ ! -f "$run/lolcats.json" ]; then
+        "$lolcats" linearize --model "$gguf" --data "$train" --seq-len 1024 --batch-tokens 4096 \
+          --stage2-tokens 24576 --stage1-from "$base" --softmax-layers "$layers" --out "$run" --quiet
+        "$lolcats" bench cache --model "$run" --contexts 8192,32768 --json "$results/cache-softmax$k-$placement.json"
+        cp "$run/lolcats.json" "$results/softmax$k-$placement.lolcats.json"
+      fi
+      if [ "$part" = long ]; then
+        "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks passkey,multikey \
+          --seq-len 8192 --contexts 1024,2048,4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 \
+          --text "$shared/data/wikitext2_valid_tok.txt" --max-text-tokens 65536 --position-buckets --no-fidelity \
+          --batch-size 8 --json "$run/eval-long.json"
+      else
+        "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu --num-fewshot 5 \
+          --limit "$limit" --no-fidelity --batch-size 8 --json "$run/eval-mmlu.json"
+      fi
+      cp "$run/eval-$part.json" "$results/softmax$k-$placement-$part.json"
+    done
   done
 done
