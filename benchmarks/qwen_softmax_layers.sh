@@ -7,7 +7,7 @@
 #    BASE's stage 1 (`--stage1-from`: stage 1 trains each layer on teacher inputs, so it is the same for any choice),
 #    same data, budget and seed; generation-cache bytes at 8k and 32k (`lolcats bench cache`).
 # 3. PARTS: "long" = wikitext-2 in 8k windows with loss by position, passkey and multikey at 1k-8k (long_eval.sh's
-#    settings, about 25 min of one core a row); "mmlu" = MMLU 5-shot, LIMIT a subject (about 60 min a row). Each
+#    settings, about 40 min of one core a row); "mmlu" = MMLU 5-shot, LIMIT a subject (about 60 min a row). Each
 #    part its own JSON, RUN/eval-{long,mmlu}.json, copied to benchmarks/results/softmax-layers-qwen2.5-coder-0.5b/.
 #    The teacher and window + sinks rows are benchmarks/student_variants.sh's, measured with the same settings.
 # Usage: bash benchmarks/qwen_softmax_layers.sh [COUNTS] [PLACEMENTS] [PARTS] [LIMIT]
