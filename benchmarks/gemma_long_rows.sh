@@ -10,7 +10,7 @@
 #        VARIANTS=lizard bash benchmarks/student_variants.sh gemma3-270m 20 -- --config gemma3-270m-cpu)
 set -euo pipefail
 lolcats=${LOLCATS:-.venv/bin/lolcats}
-shared=$(cd "$(dirname "$0")/../.." && pwd)/shared
+source "$(dirname "$0")/long_eval_settings.sh"
 { read -r _; read -r train; } < <(bash "$(dirname "$0")/qwen_prepare.sh")
 recipe=$(mktemp --suffix .yaml)
 sed -e 's/^seq_len: 384/seq_len: 1536/' -e 's/^batch_tokens: 1536/batch_tokens: 3072\npacking: stream/' \
@@ -25,8 +25,8 @@ mkdir -p "$out"
 PYTHONPATH=src .venv/bin/python benchmarks/long_eval_row.py runs/variants/gemma-lizard-wiki2048 stage1 text \
   "$out/gemma-lizard-wiki2048-stage1-only-text8k.json"
 for run in gemma-lizard gemma-lizard-stream1536 gemma-lizard-wiki2048 gemma-window128-sinks4-lora-wiki2048; do
-  "$lolcats" eval --model "runs/variants/$run" --tasks none --seq-len 8192 --text "$shared/data/wikitext2_valid_tok.txt" \
-    --max-text-tokens 65536 --position-buckets --no-fidelity --batch-size 8 --json "$out/$run-text8k.json"
+  "$lolcats" eval --model "runs/variants/$run" --tasks none "${long_text[@]}" --no-fidelity --batch-size 8 \
+    --json "$out/$run-text8k.json"
 done
 for row in window sinks; do  # the untrained rows at the default's window of 128
   PYTHONPATH=src .venv/bin/python benchmarks/long_eval_row.py runs/variants/gemma-lizard-wiki2048 "$row" text \

@@ -11,14 +11,13 @@ run=$1
 name=$2
 limit=${3:-20}
 lolcats=${LOLCATS:-.venv/bin/lolcats}
-shared=$(cd "$(dirname "$0")/../.." && pwd)/shared
+source "$(dirname "$0")/long_eval_settings.sh"
 baselines="--baselines ${LOLCATS_BASELINES:-teacher,window,sinks}"
 [ "${LOLCATS_BASELINES:-}" = none ] && baselines=""
 # shellcheck disable=SC2086
-"$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu,passkey,multikey --num-fewshot 5 \
-  --limit "$limit" --seq-len 8192 --contexts 1024,2048,4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 \
-  --text "$shared/data/wikitext2_valid_tok.txt" --max-text-tokens 65536 --position-buckets --no-fidelity \
-  $baselines --batch-size 8 ${LOLCATS_EVAL_ARGS:-} --json "$run/eval-long.json"
+"$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu,passkey,multikey "${mmlu_5shot[@]}" \
+  --limit "$limit" "${long_retrieval[@]}" "${long_text[@]}" --no-fidelity $baselines --batch-size 8 ${LOLCATS_EVAL_ARGS:-} \
+  --json "$run/eval-long.json"
 mkdir -p benchmarks/results
 cp "$run/eval-long.json" "benchmarks/results/long-eval-$name.json"
 .venv/bin/python benchmarks/long_eval_md.py "$name" "$run/eval-long.json" > "benchmarks/results/long-eval-$name.md"

@@ -122,22 +122,28 @@ def test_sinks_baseline_keeps_the_first_tokens_in_softmax():
 
 def test_baselines_of_a_gated_run_or_a_recall_cache_run_are_the_plain_window(tiny, tmp_path):
     """The window rows of a run with a decay gate or a recall cache keep its window and drop what acts on the
-    (absent) linear term."""
+    (absent) linear term. They keep the run's softmax layers, so a hybrid run has a training-free counterpart with
+    the same exact layers."""
     from lolcats.evaluate.runner import baseline_model
+    from lolcats.runtime.swap import LinearizedAttention
     from lolcats.training.config import RunConfig
     from lolcats.training.linearize import linearize
 
-    for option in ({"gate": "scalar"}, {"gate": "none", "recall_cache": 2}):
+    for option in ({"gate": "scalar", "softmax_layers": (1,)}, {"gate": "none", "recall_cache": 2}):
         out = tmp_path / next(iter(option))
         linearize(RunConfig(model=str(tiny.model), data=(str(tiny.train),), out=str(out), dtype="float32", seq_len=128,
                             batch_tokens=512, stage1_tokens=512, stage2_tokens=0, eval_every=100, checkpoint_every=100,
                             conversion={"window": 16, **option}),
                   echo=lambda line: None, progress=False)
         for name, sinks in (("window", 0), ("sinks", 4)):
-            layers = list(lolcats.linearized_layers(baseline_model(str(out), name)))
+            baseline = baseline_model(str(out), name)
+            layers = list(lolcats.linearized_layers(baseline))
             assert layers and all(not layer.use_linear and layer.decay_gate is None and layer.recall == 0
                                   for layer in layers)
             assert all(layer.window.size == 16 and layer.window.sinks == sinks for layer in layers)
+            kept = [i for i, block in enumerate(baseline.model.layers)
+                    if not isinstance(block.self_attn, LinearizedAttention)]
+            assert kept == list(option.get("softmax_layers", ()))
 
 
 def test_unknown_baseline_names_the_known_ones():
