@@ -9,7 +9,11 @@
 # 3. PARTS: "long" = wikitext-2 in 8k windows with loss by position, passkey and multikey at 1k-8k (long_eval.sh's
 #    settings, about 40 min of one core a row); "mmlu" = MMLU 5-shot, LIMIT a subject (about 60 min a row). Each
 #    part its own JSON, RUN/eval-{long,mmlu}.json, copied to benchmarks/results/softmax-layers-qwen2.5-coder-0.5b/.
-#    The teacher and window + sinks rows are benchmarks/student_variants.sh's, measured with the same settings.
+#    "sinks" (opt-in) = the training-free counterpart of the row, scored like "long": the same softmax layers and
+#    a window of 128 + 4 sinks in every other layer, no linear term (how much of a row's gain the kept layers give
+#    alone); RUN/eval-sinks.json.
+# 4. The table of every row measured so far, table.md there (benchmarks/variants_md.py). The teacher, window + sinks
+#    and 0-softmax rows are benchmarks/student_variants.sh's, measured with the same settings.
 # Usage: bash benchmarks/qwen_softmax_layers.sh [COUNTS] [PLACEMENTS] [PARTS] [LIMIT]
 #   (default "3 6", "ranked uniform", "long mmlu", 20); two lanes on 2 cores: one per placement.
 set -euo pipefail
@@ -19,7 +23,7 @@ parts=${3:-long mmlu}
 limit=${4:-20}
 base=${BASE:-runs/variants/qwen-lizard}
 lolcats=${LOLCATS:-.venv/bin/lolcats}
-shared=$(cd "$(dirname "$0")/../.." && pwd)/shared
+source "$(dirname "$0")/long_eval_settings.sh"
 results=benchmarks/results/softmax-layers-qwen2.5-coder-0.5b
 ranking=runs/qwen-layers/ranking/ranking.json
 { read -r gguf; read -r train; } < <(bash "$(dirname "$0")/qwen_prepare.sh")
@@ -41,19 +45,37 @@ for part in $parts; do
       if [ ! -f "$run/lolcats.json" ]; then
         "$lolcats" linearize --model "$gguf" --data "$train" --seq-len 1024 --batch-tokens 4096 \
           --stage2-tokens 24576 --stage1-from "$base" --softmax-layers "$layers" --out "$run" --quiet
-        "$lolcats" bench cache --model "$run" --contexts 8192,32768 --json "$results/cache-softmax$k-$placement.json"
         cp "$run/lolcats.json" "$results/softmax$k-$placement.lolcats.json"
       fi
+      [ -f "$results/cache-softmax$k-$placement.json" ] || \
+        "$lolcats" bench cache --model "$run" --contexts 8192,32768 --json "$results/cache-softmax$k-$placement.json"
       if [ "$part" = long ]; then
-        "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks passkey,multikey \
-          --seq-len 8192 --contexts 1024,2048,4096,8192 --depths 0.1,0.3,0.5,0.7,0.9 \
-          --text "$shared/data/wikitext2_valid_tok.txt" --max-text-tokens 65536 --position-buckets --no-fidelity \
-          --batch-size 8 --json "$run/eval-long.json"
+        "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks passkey,multikey "${long_retrieval[@]}" \
+          "${long_text[@]}" --no-fidelity --batch-size 8 --json "$run/eval-long.json"
+      elif [ "$part" = sinks ]; then
+        .venv/bin/python benchmarks/long_eval_row.py "$run" sinks text,retrieval "$run/eval-sinks.json"
       else
-        "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu --num-fewshot 5 \
+        "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu "${mmlu_5shot[@]}" \
           --limit "$limit" --no-fidelity --batch-size 8 --json "$run/eval-mmlu.json"
       fi
       cp "$run/eval-$part.json" "$results/softmax$k-$placement-$part.json"
     done
   done
 done
+variants=benchmarks/results/variants-qwen2.5-coder-0.5b
+rows=("teacher=benchmarks/results/long-eval-qwen2.5-coder-0.5b.json:teacher,layers=all 24,cache=$results/cache-softmax0.json:teacher"
+  "window 128 + 4 sinks (untrained)=$variants/window128-sinks4-untrained.json,$variants/window128-sinks4-untrained-mmlu.json,$variants/default-lizard-retrieval.json:sinks"
+  "0 softmax layers (default run)=$variants/default-lizard.json,$variants/default-lizard-mmlu.json,$variants/default-lizard-retrieval.json,cache=$results/cache-softmax0.json")
+for k in 3 6; do
+  for placement in ranked uniform; do
+    row="$k $placement=manifest=$results/softmax$k-$placement.lolcats.json,cache=$results/cache-softmax$k-$placement.json"
+    for part in long mmlu; do
+      if [ -f "$results/softmax$k-$placement-$part.json" ]; then row+=",$results/softmax$k-$placement-$part.json"; fi
+    done
+    if [ -f "$results/softmax$k-$placement.lolcats.json" ]; then rows+=("$row"); fi
+    if [ -f "$results/softmax$k-$placement-sinks.json" ]; then
+      rows+=("$k $placement, untrained: window 128 + 4 sinks in the others=manifest=$results/softmax$k-$placement.lolcats.json,$results/softmax$k-$placement-sinks.json")
+    fi
+  done
+done
+.venv/bin/python benchmarks/variants_md.py "${rows[@]}" > "$results/table.md"
