@@ -11,7 +11,7 @@
 #    part its own JSON, RUN/eval-{long,mmlu}.json, copied to benchmarks/results/softmax-layers-qwen2.5-coder-0.5b/.
 #    "sinks" (opt-in) = the training-free counterpart of the row, scored like "long": the same softmax layers and
 #    a window of 128 + 4 sinks in every other layer, no linear term (how much of a row's gain the kept layers give
-#    alone); RUN/eval-sinks.json.
+#    alone); RUN/eval-sinks.json and its cache bytes.
 # 4. The table of every row measured so far, table.md there (benchmarks/variants_md.py). The teacher, window + sinks
 #    and 0-softmax rows are benchmarks/student_variants.sh's, measured with the same settings.
 # Usage: bash benchmarks/qwen_softmax_layers.sh [COUNTS] [PLACEMENTS] [PARTS] [LIMIT]
@@ -54,6 +54,8 @@ for part in $parts; do
           "${long_text[@]}" --no-fidelity --batch-size 8 --json "$run/eval-long.json"
       elif [ "$part" = sinks ]; then
         .venv/bin/python benchmarks/long_eval_row.py "$run" sinks text,retrieval "$run/eval-sinks.json"
+        "$lolcats" bench cache --model "$run" --contexts 8192,32768 --no-teacher --baselines sinks \
+          --json "$results/cache-softmax$k-$placement-sinks.json"
       else
         "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu "${mmlu_5shot[@]}" \
           --limit "$limit" --no-fidelity --batch-size 8 --json "$run/eval-mmlu.json"
@@ -74,7 +76,7 @@ for k in 3 6; do
     done
     if [ -f "$results/softmax$k-$placement.lolcats.json" ]; then rows+=("$row"); fi
     if [ -f "$results/softmax$k-$placement-sinks.json" ]; then
-      rows+=("$k $placement, untrained: window 128 + 4 sinks in the others=manifest=$results/softmax$k-$placement.lolcats.json,$results/softmax$k-$placement-sinks.json")
+      rows+=("$k $placement, untrained: window 128 + 4 sinks in the others=manifest=$results/softmax$k-$placement.lolcats.json,$results/softmax$k-$placement-sinks.json,cache=$results/cache-softmax$k-$placement-sinks.json:sinks")
     fi
   done
 done

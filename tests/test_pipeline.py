@@ -315,7 +315,7 @@ def test_eval_with_a_recall_cache_on_a_trained_run(trained_dir, tiny):
 
 def test_cli_bench_cache_with_a_recall_cache(trained_dir, tiny, tmp_path):
     """`lolcats bench cache --recall-cache K`: the cache of a linearized folder grows by a constant with K, and stays
-    the same at every context; a base model is refused."""
+    the same at every context; `--baselines`: the training-free rows' caches; a base model is refused either way."""
     from typer.testing import CliRunner
 
     from lolcats.cli import app
@@ -330,5 +330,11 @@ def test_cli_bench_cache_with_a_recall_cache(trained_dir, tiny, tmp_path):
     plain, recalled = measure(), measure("--recall-cache", "16")
     assert recalled["recall_cache"] == 16 and plain["recall_cache"] is None
     assert plain["model"][0] == plain["model"][1] < recalled["model"][0] == recalled["model"][1]
+    # the training-free rows hold the window's keys and values (and the sinks') but no linear state: constant,
+    # and below the linearized model's cache
+    rows = measure("--baselines", "window,sinks")
+    assert rows["window"][0] == rows["window"][1] < rows["sinks"][0] == rows["sinks"][1] < plain["model"][0]
     refused = CliRunner().invoke(app, ["bench", "cache", "--model", str(tiny.model), "--recall-cache", "4"])
     assert refused.exit_code != 0 and "linearized folder" in refused.output
+    refused = CliRunner().invoke(app, ["bench", "cache", "--model", str(tiny.model), "--baselines", "sinks"])
+    assert refused.exit_code != 0 and "needs a linearized folder" in refused.output

@@ -22,6 +22,7 @@ import typer
 
 from ..artifacts import base_model_spec, is_linearized_folder, load_model
 from ..evaluate.report import plot_decode
+from ..evaluate.runner import baseline_model, parse_baselines
 from ..runtime.cache import RecurrentLayer, cache_nbytes
 from ..runtime.swap import set_recall_cache
 from .app import app, fail
@@ -238,6 +239,7 @@ def cache_command(
     contexts: str = typer.Option("8192,32768", help="Comma-separated context lengths."),
     teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Also the base model, for a linearized folder."),
     recall_cache: Optional[int] = typer.Option(None, help="Measure a linearized folder with a sparse recall cache of K keys per layer and head (default: as saved)."),
+    baselines: Optional[str] = typer.Option(None, help="Also a linearized folder's training-free rows, as `lolcats eval --baselines` builds them (window, sinks: the run's softmax layers kept, the softmax window alone in the others)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
 ) -> None:
     """Generation-cache bytes at each context, from one short prefill (no long prefill needed): what keeping
@@ -252,6 +254,11 @@ def cache_command(
         if teacher and is_linearized_folder(model):
             models["teacher"] = load_model(base_model_spec(model),
                                            dtype=models["model"].get_input_embeddings().weight.dtype)
+        rows = parse_baselines(baselines)
+        if rows and not is_linearized_folder(model):
+            raise ValueError(f"--baselines needs a linearized folder (its conversion settings); {model} is a base model")
+        for name in rows:
+            models[name] = baseline_model(model, name)
         result = {"model": model, "contexts": context_list, "recall_cache": recall_cache}
         for name, loaded in models.items():
             result[name] = cache_bytes_by_context(loaded, context_list)

@@ -292,8 +292,8 @@ class LinearizedAttention(nn.Module):
             else:
                 out = self.student(q, k, v, start, features, log_decay=log_decay)
             if layer_cache is not None:
-                ring_feature_keys = None if self.linear_rope or self.window.kind == "none" else feature_inputs[1]
-                self._prefill(layer_cache, k, v, features[1], start, log_decay, ring_feature_keys, recall_state)
+                self._prefill(layer_cache, k, v, features[1], start, log_decay, self._ring_feature_keys(feature_inputs[1]),
+                              recall_state)
         elif layer_cache is not None:
             raise ValueError(f"a cache is only filled in linear mode, not {self.mode!r}: call with use_cache=False")
         elif self.mode == "softmax":
@@ -325,6 +325,13 @@ class LinearizedAttention(nn.Module):
             )
         return layer
 
+    def _ring_feature_keys(self, feature_k: torch.Tensor) -> torch.Tensor | None:
+        """Keys before RoPE ride in a second ring of the cache when φ reads them: only a window whose leaving keys
+        are folded into a linear term needs them (not the window alone, a training-free baseline)."""
+        if self.linear_rope or self.window.kind == "none" or not self.use_linear:
+            return None
+        return feature_k
+
     def _key_features(self, keys: torch.Tensor) -> torch.Tensor:
         return self.feature_map_k(expand_heads(keys, self.num_heads))
 
@@ -351,8 +358,7 @@ class LinearizedAttention(nn.Module):
         fq = self.feature_map_q(feature_q) if self.use_linear else None
         # With a window, φ(k) is only needed as keys leave it; without one, every key is folded at once.
         fk = self.feature_map_k(expand_heads(feature_k, self.num_heads)) if self.window.kind == "none" else None
-        # Keys before RoPE ride in a second ring when φ reads them (a window whose leaving keys need φ).
-        ring_feature_keys = None if self.linear_rope or self.window.kind == "none" else feature_k
+        ring_feature_keys = self._ring_feature_keys(feature_k)
         if real is not None:
             # Checked once per forward, not per token (the steps themselves never synchronise with the host):
             # a padding token must come before every real token of its row, earlier calls included.
