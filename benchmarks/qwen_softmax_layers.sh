@@ -15,7 +15,8 @@
 # 4. The table of every row measured so far, table.md there (benchmarks/variants_md.py). The teacher, window + sinks
 #    and 0-softmax rows are benchmarks/student_variants.sh's, measured with the same settings.
 # Usage: bash benchmarks/qwen_softmax_layers.sh [COUNTS] [PLACEMENTS] [PARTS] [LIMIT]
-#   (default "3 6", "ranked uniform", "long mmlu", 20); two lanes on 2 cores: one per placement.
+#   (default "3 6", "ranked uniform", "long mmlu", 20); two lanes on 2 cores: one per placement. PARTS "none":
+#   only the table.
 set -euo pipefail
 counts=${1:-3 6}
 placements=${2:-ranked uniform}
@@ -34,8 +35,8 @@ if [ ! -f "$ranking" ]; then
   cp "$ranking" benchmarks/results/qwen2.5-coder-0.5b-ranking.json
 fi
 [ -f "$results/cache-softmax0.json" ] || \
-  "$lolcats" bench cache --model "$base" --contexts 8192,32768 --json "$results/cache-softmax0.json"
-for part in $parts; do
+  "$lolcats" bench cache --model "$base" --contexts 8192,32768 --baselines sinks --json "$results/cache-softmax0.json"
+for part in ${parts/none/}; do
   for k in $counts; do
     ranked=$(.venv/bin/python -c "import json; print(','.join(map(str, sorted(json.load(open('$ranking'))['order'][:$k]))))")
     uniform=$(.venv/bin/python -c "print(','.join(str(int((i + 0.5) * 24 / $k)) for i in range($k)))")
@@ -49,24 +50,23 @@ for part in $parts; do
       fi
       [ -f "$results/cache-softmax$k-$placement.json" ] || \
         "$lolcats" bench cache --model "$run" --contexts 8192,32768 --json "$results/cache-softmax$k-$placement.json"
-      if [ "$part" = long ]; then
-        "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks passkey,multikey "${long_retrieval[@]}" \
-          "${long_text[@]}" --no-fidelity --batch-size 8 --json "$run/eval-long.json"
-      elif [ "$part" = sinks ]; then
-        .venv/bin/python benchmarks/long_eval_row.py "$run" sinks text,retrieval "$run/eval-sinks.json"
-        "$lolcats" bench cache --model "$run" --contexts 8192,32768 --no-teacher --baselines sinks \
-          --json "$results/cache-softmax$k-$placement-sinks.json"
-      else
-        "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu "${mmlu_5shot[@]}" \
-          --limit "$limit" --no-fidelity --batch-size 8 --json "$run/eval-mmlu.json"
-      fi
+      case $part in
+        long) "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks passkey,multikey \
+                "${long_retrieval[@]}" "${long_text[@]}" --no-fidelity --batch-size 8 --json "$run/eval-long.json" ;;
+        mmlu) "$lolcats" eval --model "$run" --task-dir "$shared/data/eval" --tasks mmlu "${mmlu_5shot[@]}" \
+                --limit "$limit" --no-fidelity --batch-size 8 --json "$run/eval-mmlu.json" ;;
+        sinks) .venv/bin/python benchmarks/long_eval_row.py "$run" sinks text,retrieval "$run/eval-sinks.json"
+               "$lolcats" bench cache --model "$run" --contexts 8192,32768 --no-teacher --baselines sinks \
+                 --json "$results/cache-softmax$k-$placement-sinks.json" ;;
+        *) echo "unknown part $part (long, mmlu, sinks or none)" >&2; exit 2 ;;
+      esac
       cp "$run/eval-$part.json" "$results/softmax$k-$placement-$part.json"
     done
   done
 done
 variants=benchmarks/results/variants-qwen2.5-coder-0.5b
 rows=("teacher=benchmarks/results/long-eval-qwen2.5-coder-0.5b.json:teacher,layers=all 24,cache=$results/cache-softmax0.json:teacher"
-  "window 128 + 4 sinks (untrained)=$variants/window128-sinks4-untrained.json,$variants/window128-sinks4-untrained-mmlu.json,$variants/default-lizard-retrieval.json:sinks"
+  "window 128 + 4 sinks (untrained)=$variants/window128-sinks4-untrained.json,$variants/window128-sinks4-untrained-mmlu.json,$variants/default-lizard-retrieval.json:sinks,cache=$results/cache-softmax0.json:sinks"
   "0 softmax layers (default run)=$variants/default-lizard.json,$variants/default-lizard-mmlu.json,$variants/default-lizard-retrieval.json,cache=$results/cache-softmax0.json")
 for k in 3 6; do
   for placement in ranked uniform; do
