@@ -3,9 +3,9 @@
 Usage: python benchmarks/variants_md.py "LABEL=FILE[:ROW][,FILE[:ROW]...]" ...
 ROW picks a baseline row of the file (teacher, window, sinks); without it, the file's model row. Several files of
 one row merge (e.g. a text eval and an MMLU eval of the same run). Two more kinds of part add a column:
-`manifest=RUN/lolcats.json` or `layers=TEXT` (the layers the row keeps as softmax) and `cache=FILE` (a `lolcats bench cache --json`:
-generation-cache MiB per context; `cache=FILE:teacher` for its teacher row). Cells a row has no measurement for
-print —."""
+`manifest=RUN/lolcats.json` or `layers=TEXT` (the layers the row keeps as softmax), and `cache=FILE[:ROW]` (a
+`lolcats bench cache --json`: generation-cache MiB per context, of its model row or of ROW: teacher, window,
+sinks). Cells a row has no measurement for print —."""
 
 import json
 import sys

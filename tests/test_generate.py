@@ -130,7 +130,8 @@ def test_decode_matches_full_forward_for_every_attention_kind(attention):
     assert relative_error(logits, full_logits(model, ids)) <= TOL
     # keys before RoPE ride in a second ring only for a linear term to fold (φ before RoPE, the default) as
     # they leave a window: the window alone holds none
-    rings = [layer.state.feature_keys is not None for layer in cache.layers if type(layer).__name__ == "RecurrentLayer"]
+    rings = [layer.state.feature_keys is not None for layer in cache.layers
+             if type(layer).__name__ == "RecurrentLayer"]
     assert rings == [attention in ("lolcats", "sliding")] * 2
 
 

@@ -254,10 +254,10 @@ def cache_command(
         if teacher and is_linearized_folder(model):
             models["teacher"] = load_model(base_model_spec(model),
                                            dtype=models["model"].get_input_embeddings().weight.dtype)
-        rows = parse_baselines(baselines)
-        if rows and not is_linearized_folder(model):
+        baseline_names = parse_baselines(baselines)
+        if baseline_names and not is_linearized_folder(model):
             raise ValueError(f"--baselines needs a linearized folder (its conversion settings); {model} is a base model")
-        for name in rows:
+        for name in baseline_names:
             models[name] = baseline_model(model, name)
         result = {"model": model, "contexts": context_list, "recall_cache": recall_cache}
         for name, loaded in models.items():

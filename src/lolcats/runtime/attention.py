@@ -292,8 +292,8 @@ class LinearizedAttention(nn.Module):
             else:
                 out = self.student(q, k, v, start, features, log_decay=log_decay)
             if layer_cache is not None:
-                self._prefill(layer_cache, k, v, features[1], start, log_decay, self._ring_feature_keys(feature_inputs[1]),
-                              recall_state)
+                ring_feature_keys = self._ring_feature_keys(feature_inputs[1])
+                self._prefill(layer_cache, k, v, features[1], start, log_decay, ring_feature_keys, recall_state)
         elif layer_cache is not None:
             raise ValueError(f"a cache is only filled in linear mode, not {self.mode!r}: call with use_cache=False")
         elif self.mode == "softmax":
